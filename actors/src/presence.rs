@@ -1,0 +1,530 @@
+//! The presence model as plain data: who is present under which key, with which metas, and the
+//! diffs that changes produce. No actors, no I/O, no clocks: callers pass the time and the fresh
+//! refs in, so every rule here is unit- and property-tested.
+//!
+//! The shape follows Phoenix.Tracker: a set of entries `(key, meta)`, each meta carrying a unique
+//! `phx_ref` and an owner (the session that holds it). Each session owns its entries, so a later
+//! cluster layer can tag entries with their node and drop a node's entries wholesale.
+//!
+//! Wire semantics are those of the phoenix.js `Presence` client: a diff's joins are applied before
+//! its leaves, so an *update* is a join of the new meta (fresh `phx_ref`, `phx_ref_prev` = the old
+//! one) plus a leave of the old meta in the same diff; the key never disappears on the client.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::ser::{SerializeMap, SerializeSeq, Serializer};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// A presence key: the user id.
+pub type Key = Arc<str>;
+
+/// A session's identity on this node; also the owner of the metas it tracks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u64);
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "s{:x}", self.0)
+    }
+}
+
+impl SessionId {
+    /// Parses the `Display` form back (`s` + hex), as used in the HTTP API.
+    pub fn parse(s: &str) -> Option<SessionId> {
+        let hex = s.strip_prefix('s')?;
+        u64::from_str_radix(hex, 16).ok().map(SessionId)
+    }
+}
+
+/// A meta's unique reference, sent to clients as `phx_ref`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ref(pub u64);
+
+impl fmt::Display for Ref {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:x}", self.0)
+    }
+}
+
+impl Serialize for Ref {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Hands out refs and session ids that are unique on this node and, with high probability, in a
+/// cluster: the top 24 bits are random per process start, the low 40 bits count.
+#[derive(Debug)]
+pub struct IdGen {
+    next: AtomicU64,
+}
+
+impl IdGen {
+    pub fn new() -> IdGen {
+        let epoch: u64 = rand::random::<u64>() & 0xff_ffff;
+        IdGen {
+            next: AtomicU64::new((epoch << 40) | 1),
+        }
+    }
+
+    pub fn next_ref(&self) -> Ref {
+        Ref(self.next.fetch_add(1, Ordering::Relaxed))
+    }
+
+    pub fn next_session(&self) -> SessionId {
+        SessionId(self.next.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+impl Default for IdGen {
+    fn default() -> Self {
+        IdGen::new()
+    }
+}
+
+/// One presence of a key: a session's view of itself, as clients see it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Meta {
+    pub phx_ref: Ref,
+    /// Set only on the join half of an update, so clients can tell an update from a new session.
+    pub phx_ref_prev: Option<Ref>,
+    /// The session that owns this meta.
+    pub session: SessionId,
+    pub status: Arc<str>,
+    /// Unix milliseconds when this session first joined (kept across updates and reconnects).
+    pub online_at: i64,
+    /// Identifies a device across reconnects, so a returning device replaces its own ghost.
+    pub device: Option<Arc<str>>,
+    /// Everything else the client sees (`name`, custom meta), shared, never containing the
+    /// reserved keys.
+    pub fields: Arc<Map<String, Value>>,
+}
+
+/// Keys a client cannot set through meta because the server owns them.
+pub const RESERVED_META_KEYS: [&str; 4] = ["phx_ref", "phx_ref_prev", "status", "online_at"];
+
+impl Serialize for Meta {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("phx_ref", &self.phx_ref)?;
+        if let Some(prev) = self.phx_ref_prev {
+            m.serialize_entry("phx_ref_prev", &prev)?;
+        }
+        m.serialize_entry("status", &*self.status)?;
+        m.serialize_entry("online_at", &self.online_at)?;
+        for (k, v) in self.fields.iter() {
+            if !RESERVED_META_KEYS.contains(&k.as_str()) {
+                m.serialize_entry(k, v)?;
+            }
+        }
+        m.end()
+    }
+}
+
+/// A tracked meta plus whether it is a ghost: a session that dropped without leaving and is
+/// kept present until `ghost_until` in case it comes back.
+#[derive(Clone, Debug)]
+struct Entry {
+    meta: Meta,
+    ghost_until: Option<i64>,
+}
+
+/// What a change did, in phoenix.js terms. Serialises to `{"joins":{..},"leaves":{..}}`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Diff {
+    pub joins: Vec<(Key, Meta)>,
+    pub leaves: Vec<(Key, Meta)>,
+}
+
+impl Diff {
+    pub fn is_empty(&self) -> bool {
+        self.joins.is_empty() && self.leaves.is_empty()
+    }
+
+    /// Appends `later` to this diff. A meta that joined earlier in the batch and leaves now is
+    /// dropped from both sides (nobody needs to hear of it), which keeps batches small under churn;
+    /// an update chain keeps pointing its `phx_ref_prev` at the meta clients last saw.
+    pub fn merge(&mut self, later: Diff) {
+        let mut rewired: Vec<(Ref, Option<Ref>)> = Vec::new();
+        for (key, meta) in later.leaves {
+            match self
+                .joins
+                .iter()
+                .position(|(k, m)| m.phx_ref == meta.phx_ref && *k == key)
+            {
+                Some(pos) => {
+                    let (_, cancelled) = self.joins.remove(pos);
+                    rewired.push((cancelled.phx_ref, cancelled.phx_ref_prev));
+                }
+                None => self.leaves.push((key, meta)),
+            }
+        }
+        for (key, mut meta) in later.joins {
+            if let Some(prev) = meta.phx_ref_prev {
+                if let Some((_, orig)) = rewired.iter().find(|(r, _)| *r == prev) {
+                    meta.phx_ref_prev = *orig;
+                }
+            }
+            self.joins.push((key, meta));
+        }
+    }
+
+    /// Metas grouped by key in first-seen order, as the wire wants them.
+    fn grouped(items: &[(Key, Meta)]) -> Vec<(&Key, Vec<&Meta>)> {
+        let mut out: Vec<(&Key, Vec<&Meta>)> = Vec::new();
+        for (k, m) in items {
+            match out.iter_mut().find(|(kk, _)| *kk == k) {
+                Some((_, v)) => v.push(m),
+                None => out.push((k, vec![m])),
+            }
+        }
+        out
+    }
+}
+
+/// `{"u1": {"metas": [...]}, ...}`
+struct Grouped<'a>(Vec<(&'a Key, Vec<&'a Meta>)>);
+
+struct Metas<'a>(&'a [&'a Meta]);
+
+impl Serialize for Metas<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(1))?;
+        m.serialize_entry("metas", &MetaList(self.0))?;
+        m.end()
+    }
+}
+
+struct MetaList<'a>(&'a [&'a Meta]);
+
+impl Serialize for MetaList<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        for m in self.0 {
+            seq.serialize_element(m)?;
+        }
+        seq.end()
+    }
+}
+
+impl Serialize for Grouped<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (k, metas) in &self.0 {
+            m.serialize_entry(&***k, &Metas(metas))?;
+        }
+        m.end()
+    }
+}
+
+impl Serialize for Diff {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(2))?;
+        m.serialize_entry("joins", &Grouped(Diff::grouped(&self.joins)))?;
+        m.serialize_entry("leaves", &Grouped(Diff::grouped(&self.leaves)))?;
+        m.end()
+    }
+}
+
+/// What a joining session brings; the set assigns the ref.
+#[derive(Clone, Debug)]
+pub struct Arrival {
+    pub session: SessionId,
+    pub status: Arc<str>,
+    pub online_at: i64,
+    pub device: Option<Arc<str>>,
+    pub fields: Arc<Map<String, Value>>,
+}
+
+/// The presence of one topic (a room, or an account's connections).
+#[derive(Clone, Debug, Default)]
+pub struct PresenceSet {
+    entries: BTreeMap<Key, Vec<Entry>>,
+    metas: usize,
+    ghosts: usize,
+}
+
+/// How a session went away.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Departure {
+    /// `phx_leave`, a kick, or an eviction: gone now.
+    Now,
+    /// The connection dropped: keep the meta as a ghost until `until` (unix ms).
+    Grace { until: i64 },
+}
+
+impl PresenceSet {
+    pub fn new() -> PresenceSet {
+        PresenceSet::default()
+    }
+
+    /// Number of keys (users) present, ghosts included.
+    pub fn keys(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Number of metas (sessions) present, ghosts included.
+    pub fn metas(&self) -> usize {
+        self.metas
+    }
+
+    pub fn ghosts(&self) -> usize {
+        self.ghosts
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The metas of one key.
+    pub fn get(&self, key: &str) -> Option<impl Iterator<Item = &Meta>> {
+        self.entries.get(key).map(|v| v.iter().map(|e| &e.meta))
+    }
+
+    /// The meta a session holds under `key`.
+    pub fn meta_of(&self, key: &str, session: SessionId) -> Option<&Meta> {
+        self.entries
+            .get(key)?
+            .iter()
+            .find(|e| e.meta.session == session)
+            .map(|e| &e.meta)
+    }
+
+    /// A session arrives. If it already holds a meta under this key (a duplicate join), or a ghost
+    /// of the same key and device is waiting (a reconnect within the grace window), the old meta
+    /// is swapped for the new one in a single update diff; otherwise it is a plain join.
+    pub fn join(&mut self, key: &Key, arrival: Arrival, new_ref: Ref) -> Diff {
+        let metas = self.entries.entry(key.clone()).or_default();
+        let replaced = metas
+            .iter()
+            .position(|e| e.meta.session == arrival.session)
+            .or_else(|| {
+                metas
+                    .iter()
+                    .position(|e| e.ghost_until.is_some() && e.meta.device == arrival.device)
+            });
+        let mut diff = Diff::default();
+        let mut meta = Meta {
+            phx_ref: new_ref,
+            phx_ref_prev: None,
+            session: arrival.session,
+            status: arrival.status,
+            online_at: arrival.online_at,
+            device: arrival.device,
+            fields: arrival.fields,
+        };
+        match replaced {
+            Some(i) => {
+                let old = metas.remove(i);
+                if old.ghost_until.is_some() {
+                    self.ghosts -= 1;
+                }
+                meta.online_at = meta.online_at.min(old.meta.online_at);
+                meta.phx_ref_prev = Some(old.meta.phx_ref);
+                diff.joins.push((key.clone(), meta.clone()));
+                diff.leaves.push((key.clone(), old.meta));
+                meta.phx_ref_prev = None;
+                metas.push(Entry {
+                    meta,
+                    ghost_until: None,
+                });
+            }
+            None => {
+                diff.joins.push((key.clone(), meta.clone()));
+                metas.push(Entry {
+                    meta,
+                    ghost_until: None,
+                });
+                self.metas += 1;
+            }
+        }
+        diff
+    }
+
+    /// Puts back a meta exactly as it was (same ref), without telling anyone: used when an actor
+    /// restarts and rebuilds its state from the live sessions that already saw this meta.
+    pub fn restore(&mut self, key: &Key, meta: Meta) {
+        let metas = self.entries.entry(key.clone()).or_default();
+        if let Some(e) = metas.iter_mut().find(|e| e.meta.session == meta.session) {
+            e.meta = meta;
+            return;
+        }
+        metas.push(Entry {
+            meta,
+            ghost_until: None,
+        });
+        self.metas += 1;
+    }
+
+    /// A session changes its status and/or fields: new ref, one update diff.
+    pub fn update(
+        &mut self,
+        key: &str,
+        session: SessionId,
+        status: Option<Arc<str>>,
+        fields: Option<Arc<Map<String, Value>>>,
+        new_ref: Ref,
+    ) -> Option<(Diff, Meta)> {
+        let (k, metas) = self.entries.get_key_value_mut_compat(key)?;
+        let e = metas.iter_mut().find(|e| e.meta.session == session)?;
+        let old = e.meta.clone();
+        if let Some(s) = status {
+            e.meta.status = s;
+        }
+        if let Some(f) = fields {
+            e.meta.fields = f;
+        }
+        e.meta.phx_ref = new_ref;
+        let mut joined = e.meta.clone();
+        joined.phx_ref_prev = Some(old.phx_ref);
+        let current = e.meta.clone();
+        Some((
+            Diff {
+                joins: vec![(k.clone(), joined)],
+                leaves: vec![(k, old)],
+            },
+            current,
+        ))
+    }
+
+    /// A session goes away from this topic.
+    pub fn leave(&mut self, key: &str, session: SessionId, how: Departure) -> Diff {
+        let mut diff = Diff::default();
+        let Some(metas) = self.entries.get_mut(key) else {
+            return diff;
+        };
+        let Some(i) = metas.iter().position(|e| e.meta.session == session) else {
+            return diff;
+        };
+        match how {
+            Departure::Grace { until } => {
+                let e = &mut metas[i];
+                if e.ghost_until.is_none() {
+                    self.ghosts += 1;
+                }
+                e.ghost_until = Some(until);
+            }
+            Departure::Now => {
+                let e = metas.remove(i);
+                if e.ghost_until.is_some() {
+                    self.ghosts -= 1;
+                }
+                self.metas -= 1;
+                let k = self.remove_if_empty(key);
+                diff.leaves.push((k, e.meta));
+            }
+        }
+        diff
+    }
+
+    /// Ghosts whose grace ran out by `now` leave, in one diff.
+    pub fn expire(&mut self, now: i64) -> Diff {
+        let mut diff = Diff::default();
+        if self.ghosts == 0 {
+            return diff;
+        }
+        let mut emptied = Vec::new();
+        for (k, metas) in self.entries.iter_mut() {
+            let mut i = 0;
+            while i < metas.len() {
+                if metas[i].ghost_until.is_some_and(|t| t <= now) {
+                    let e = metas.remove(i);
+                    self.ghosts -= 1;
+                    self.metas -= 1;
+                    diff.leaves.push((k.clone(), e.meta));
+                } else {
+                    i += 1;
+                }
+            }
+            if metas.is_empty() {
+                emptied.push(k.clone());
+            }
+        }
+        for k in emptied {
+            self.entries.remove(&k);
+        }
+        diff
+    }
+
+    /// The earliest ghost deadline, for scheduling the next expiry.
+    pub fn next_expiry(&self) -> Option<i64> {
+        if self.ghosts == 0 {
+            return None;
+        }
+        self.entries
+            .values()
+            .flatten()
+            .filter_map(|e| e.ghost_until)
+            .min()
+    }
+
+    fn remove_if_empty(&mut self, key: &str) -> Key {
+        let (k, empty) = match self.entries.get_key_value(key) {
+            Some((k, v)) => (k.clone(), v.is_empty()),
+            None => (Key::from(key), false),
+        };
+        if empty {
+            self.entries.remove(key);
+        }
+        k
+    }
+
+    /// Every key and its metas, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&Key, impl Iterator<Item = &Meta>)> {
+        self.entries
+            .iter()
+            .map(|(k, v)| (k, v.iter().map(|e| &e.meta)))
+    }
+
+    /// A page of keys strictly after `after`, at most `limit` of them.
+    pub fn page(&self, after: Option<&str>, limit: usize) -> Vec<(&Key, Vec<&Meta>)> {
+        use std::ops::Bound;
+        let lower = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        self.entries
+            .range::<str, _>((lower, Bound::Unbounded))
+            .take(limit)
+            .map(|(k, v)| (k, v.iter().map(|e| &e.meta).collect()))
+            .collect()
+    }
+
+    /// Serialisable `presence_state`.
+    pub fn state(&self) -> State<'_> {
+        State(self)
+    }
+}
+
+/// Small helper so `update` can return the stored `Arc` key without a second lookup.
+trait KeyedMut {
+    fn get_key_value_mut_compat(&mut self, key: &str) -> Option<(Key, &mut Vec<Entry>)>;
+}
+
+impl KeyedMut for BTreeMap<Key, Vec<Entry>> {
+    fn get_key_value_mut_compat(&mut self, key: &str) -> Option<(Key, &mut Vec<Entry>)> {
+        let k = self.get_key_value(key)?.0.clone();
+        self.get_mut(key).map(|v| (k, v))
+    }
+}
+
+/// `presence_state` payload: `{"<key>": {"metas": [...]}}`.
+pub struct State<'a>(&'a PresenceSet);
+
+impl Serialize for State<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(self.0.entries.len()))?;
+        for (k, v) in &self.0.entries {
+            let metas: Vec<&Meta> = v.iter().map(|e| &e.meta).collect();
+            m.serialize_entry(&**k, &Metas(&metas))?;
+        }
+        m.end()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,350 @@
+//! Unit and property tests of the presence model against the phoenix.js client rules.
+
+use super::*;
+use crate::client_presence::{apply_diff_payload, sync_state, ClientState};
+use proptest::prelude::*;
+
+fn arrival(session: u64, status: &str, device: Option<&str>) -> Arrival {
+    Arrival {
+        session: SessionId(session),
+        status: status.into(),
+        online_at: 1000,
+        device: device.map(Into::into),
+        fields: Arc::new(Map::new()),
+    }
+}
+
+fn key(s: &str) -> Key {
+    Key::from(s)
+}
+
+fn json<T: Serialize>(t: &T) -> Value {
+    serde_json::to_value(t).unwrap()
+}
+
+fn client_from(set: &PresenceSet) -> ClientState {
+    let mut c = ClientState::new();
+    let state = json(&set.state());
+    sync_state(&mut c, state.as_object().unwrap());
+    c
+}
+
+fn refs_of(c: &ClientState, k: &str) -> Vec<String> {
+    let mut v: Vec<String> = c
+        .get(k)
+        .map(|p| {
+            p["metas"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["phx_ref"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_join_produces_a_join_diff_with_the_meta() {
+    let mut set = PresenceSet::new();
+    let d = set.join(&key("u1"), arrival(1, "online", None), Ref(10));
+    let v = json(&d);
+    assert_eq!(v["joins"]["u1"]["metas"][0]["phx_ref"], "a");
+    assert_eq!(v["joins"]["u1"]["metas"][0]["status"], "online");
+    assert_eq!(v["leaves"], serde_json::json!({}));
+    assert_eq!(set.keys(), 1);
+    assert_eq!(set.metas(), 1);
+}
+
+#[test]
+fn two_devices_of_one_user_are_one_key_with_two_metas_until_the_last_leaves() {
+    let mut set = PresenceSet::new();
+    set.join(&key("u1"), arrival(1, "online", Some("phone")), Ref(1));
+    set.join(&key("u1"), arrival(2, "online", Some("laptop")), Ref(2));
+    assert_eq!(set.keys(), 1);
+    assert_eq!(set.metas(), 2);
+    let d = set.leave("u1", SessionId(1), Departure::Now);
+    assert_eq!(d.leaves.len(), 1);
+    assert_eq!(set.keys(), 1);
+    set.leave("u1", SessionId(2), Departure::Now);
+    assert!(set.is_empty());
+    assert_eq!(set.metas(), 0);
+}
+
+#[test]
+fn a_status_change_is_one_diff_with_a_fresh_ref_and_phx_ref_prev() {
+    let mut set = PresenceSet::new();
+    set.join(&key("u1"), arrival(1, "online", None), Ref(1));
+    let mut client = client_from(&set);
+    let (d, current) = set
+        .update("u1", SessionId(1), Some("away".into()), None, Ref(2))
+        .unwrap();
+    assert_eq!(current.phx_ref, Ref(2));
+    let v = json(&d);
+    assert_eq!(v["joins"]["u1"]["metas"][0]["phx_ref_prev"], "1");
+    assert_eq!(v["joins"]["u1"]["metas"][0]["status"], "away");
+    assert_eq!(v["leaves"]["u1"]["metas"][0]["phx_ref"], "1");
+    apply_diff_payload(&mut client, &v);
+    assert_eq!(refs_of(&client, "u1"), vec!["2"]);
+}
+
+#[test]
+fn a_dropped_session_stays_as_a_ghost_until_its_grace_ends() {
+    let mut set = PresenceSet::new();
+    set.join(&key("u1"), arrival(1, "online", None), Ref(1));
+    let d = set.leave("u1", SessionId(1), Departure::Grace { until: 5000 });
+    assert!(d.is_empty());
+    assert_eq!(set.ghosts(), 1);
+    assert_eq!(set.next_expiry(), Some(5000));
+    assert!(set.expire(4999).is_empty());
+    let d = set.expire(5000);
+    assert_eq!(d.leaves.len(), 1);
+    assert!(set.is_empty());
+    assert_eq!(set.ghosts(), 0);
+}
+
+#[test]
+fn a_reconnect_of_the_same_device_within_grace_swaps_the_ghost_in_one_diff() {
+    let mut set = PresenceSet::new();
+    set.join(&key("u1"), arrival(1, "online", Some("phone")), Ref(1));
+    set.join(&key("u1"), arrival(2, "online", Some("laptop")), Ref(2));
+    set.leave("u1", SessionId(1), Departure::Grace { until: 5000 });
+    let d = set.join(&key("u1"), arrival(3, "online", Some("phone")), Ref(3));
+    assert_eq!(d.joins.len(), 1);
+    assert_eq!(d.leaves.len(), 1);
+    assert_eq!(d.leaves[0].1.phx_ref, Ref(1));
+    assert_eq!(d.joins[0].1.phx_ref_prev, Some(Ref(1)));
+    assert_eq!(set.ghosts(), 0);
+    assert_eq!(set.metas(), 2);
+    assert!(set.expire(10_000).is_empty());
+}
+
+#[test]
+fn a_reconnect_of_another_device_does_not_take_the_ghosts_place() {
+    let mut set = PresenceSet::new();
+    set.join(&key("u1"), arrival(1, "online", Some("phone")), Ref(1));
+    set.leave("u1", SessionId(1), Departure::Grace { until: 5000 });
+    let d = set.join(&key("u1"), arrival(2, "online", Some("laptop")), Ref(2));
+    assert!(d.leaves.is_empty());
+    assert_eq!(set.metas(), 2);
+    assert_eq!(set.expire(5000).leaves.len(), 1);
+}
+
+#[test]
+fn a_duplicate_join_of_the_same_session_is_an_update_not_a_second_meta() {
+    let mut set = PresenceSet::new();
+    set.join(&key("u1"), arrival(1, "online", None), Ref(1));
+    let d = set.join(&key("u1"), arrival(1, "busy", None), Ref(2));
+    assert_eq!(d.joins.len(), 1);
+    assert_eq!(d.leaves.len(), 1);
+    assert_eq!(set.metas(), 1);
+}
+
+#[test]
+fn leaving_an_unknown_session_or_key_changes_nothing() {
+    let mut set = PresenceSet::new();
+    assert!(set.leave("nobody", SessionId(1), Departure::Now).is_empty());
+    set.join(&key("u1"), arrival(1, "online", None), Ref(1));
+    assert!(set.leave("u1", SessionId(9), Departure::Now).is_empty());
+    assert!(set.update("u1", SessionId(9), None, None, Ref(5)).is_none());
+    assert_eq!(set.metas(), 1);
+}
+
+#[test]
+fn reserved_keys_in_fields_never_override_server_owned_ones() {
+    let mut fields = Map::new();
+    fields.insert("status".into(), Value::from("hacked"));
+    fields.insert("phx_ref".into(), Value::from("x"));
+    fields.insert("name".into(), Value::from("Ann"));
+    let mut set = PresenceSet::new();
+    let mut a = arrival(1, "online", None);
+    a.fields = Arc::new(fields);
+    let d = set.join(&key("u1"), a, Ref(1));
+    let v = json(&d);
+    let m = &v["joins"]["u1"]["metas"][0];
+    assert_eq!(m["status"], "online");
+    assert_eq!(m["phx_ref"], "1");
+    assert_eq!(m["name"], "Ann");
+}
+
+#[test]
+fn pages_walk_keys_in_order_after_the_cursor() {
+    let mut set = PresenceSet::new();
+    for (i, u) in ["c", "a", "b", "d"].iter().enumerate() {
+        set.join(&key(u), arrival(i as u64, "online", None), Ref(i as u64));
+    }
+    let p1: Vec<&str> = set.page(None, 2).iter().map(|(k, _)| &***k).collect();
+    assert_eq!(p1, vec!["a", "b"]);
+    let p2: Vec<&str> = set.page(Some("b"), 5).iter().map(|(k, _)| &***k).collect();
+    assert_eq!(p2, vec!["c", "d"]);
+}
+
+#[test]
+fn merging_a_join_and_its_leave_cancels_both() {
+    let mut set = PresenceSet::new();
+    let mut d = set.join(&key("u1"), arrival(1, "online", None), Ref(1));
+    d.merge(set.leave("u1", SessionId(1), Departure::Now));
+    assert!(d.is_empty());
+}
+
+#[test]
+fn merging_an_update_chain_points_the_last_join_at_the_meta_clients_saw() {
+    let mut set = PresenceSet::new();
+    set.join(&key("u1"), arrival(1, "online", None), Ref(1));
+    let mut d = set
+        .update("u1", SessionId(1), Some("away".into()), None, Ref(2))
+        .unwrap()
+        .0;
+    d.merge(
+        set.update("u1", SessionId(1), Some("busy".into()), None, Ref(3))
+            .unwrap()
+            .0,
+    );
+    assert_eq!(d.joins.len(), 1);
+    assert_eq!(d.joins[0].1.phx_ref, Ref(3));
+    assert_eq!(d.joins[0].1.phx_ref_prev, Some(Ref(1)));
+    assert_eq!(d.leaves.len(), 1);
+    assert_eq!(d.leaves[0].1.phx_ref, Ref(1));
+}
+
+/// One step a random client population can take.
+#[derive(Clone, Debug)]
+enum Op {
+    Join { user: u8, session: u8, device: u8 },
+    Leave { session: u8 },
+    Drop { session: u8 },
+    Status { session: u8, status: u8 },
+    Tick { ms: u16 },
+    /// A client (the observer) reconnects: it resyncs from a fresh `presence_state`.
+    Resync,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0u8..4, 0u8..8, 0u8..3).prop_map(|(user, session, device)| Op::Join { user, session, device }),
+        2 => (0u8..8).prop_map(|session| Op::Leave { session }),
+        2 => (0u8..8).prop_map(|session| Op::Drop { session }),
+        3 => (0u8..8, 0u8..3).prop_map(|(session, status)| Op::Status { session, status }),
+        2 => (0u16..3000).prop_map(|ms| Op::Tick { ms }),
+        1 => Just(Op::Resync),
+    ]
+}
+
+/// The server's state as a client would hold it, ordered for comparison.
+fn normal(c: &ClientState) -> Vec<(String, Vec<Value>)> {
+    let mut v: Vec<(String, Vec<Value>)> = c
+        .iter()
+        .map(|(k, p)| {
+            let mut ms: Vec<Value> = p["metas"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| {
+                    let mut m = m.clone();
+                    m.as_object_mut().unwrap().remove("phx_ref_prev");
+                    m
+                })
+                .collect();
+            ms.sort_by_key(|m| m["phx_ref"].as_str().unwrap().to_string());
+            (k.clone(), ms)
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+
+    /// Random joins, leaves, drops, reconnects and status changes, applied diff by diff (and in
+    /// coalesced batches) to a phoenix.js-style client, always leave the client holding exactly
+    /// the server's presence.
+    #[test]
+    fn client_state_built_from_diffs_always_converges_to_the_server(
+        ops in proptest::collection::vec(op(), 1..80),
+        batch in 1usize..5,
+    ) {
+        const GRACE: i64 = 1000;
+        let mut set = PresenceSet::new();
+        let mut client = ClientState::new();
+        let mut now: i64 = 0;
+        let mut next_ref = 1u64;
+        // session -> (user, live)
+        let mut sessions: std::collections::HashMap<u8, (u8, bool)> = Default::default();
+        let mut pending = Diff::default();
+        let mut pending_n = 0usize;
+        let devices = ["phone", "laptop", "tablet"];
+        let statuses = ["online", "away", "busy"];
+        for op in ops {
+            let d = match op {
+                Op::Join { user, session, device } => {
+                    let user = match sessions.get(&session) {
+                        Some((u, true)) => *u,
+                        _ => user,
+                    };
+                    sessions.insert(session, (user, true));
+                    next_ref += 1;
+                    // a fresh connection is a fresh session id unless it is a duplicate join
+                    set.join(
+                        &key(&format!("u{user}")),
+                        arrival(session as u64, "online", Some(devices[device as usize])),
+                        Ref(next_ref),
+                    )
+                }
+                Op::Leave { session } => match sessions.get(&session) {
+                    Some((u, true)) => {
+                        let u = *u;
+                        sessions.insert(session, (u, false));
+                        set.leave(&format!("u{u}"), SessionId(session as u64), Departure::Now)
+                    }
+                    _ => Diff::default(),
+                },
+                Op::Drop { session } => match sessions.get(&session) {
+                    Some((u, true)) => {
+                        let u = *u;
+                        sessions.insert(session, (u, false));
+                        set.leave(&format!("u{u}"), SessionId(session as u64), Departure::Grace { until: now + GRACE })
+                    }
+                    _ => Diff::default(),
+                },
+                Op::Status { session, status } => match sessions.get(&session) {
+                    Some((u, true)) => {
+                        next_ref += 1;
+                        set.update(&format!("u{u}"), SessionId(session as u64), Some(statuses[status as usize].into()), None, Ref(next_ref))
+                            .map(|(d, _)| d)
+                            .unwrap_or_default()
+                    }
+                    _ => Diff::default(),
+                },
+                Op::Tick { ms } => {
+                    now += ms as i64;
+                    set.expire(now)
+                }
+                Op::Resync => {
+                    // flush what was pending, then the client reconnects and gets the full state
+                    let payload = json(&std::mem::take(&mut pending));
+                    apply_diff_payload(&mut client, &payload);
+                    pending_n = 0;
+                    let state = json(&set.state());
+                    sync_state(&mut client, state.as_object().unwrap());
+                    Diff::default()
+                }
+            };
+            pending.merge(d);
+            pending_n += 1;
+            if pending_n >= batch {
+                let payload = json(&std::mem::take(&mut pending));
+                apply_diff_payload(&mut client, &payload);
+                pending_n = 0;
+            }
+        }
+        let payload = json(&pending);
+        apply_diff_payload(&mut client, &payload);
+        let server = client_from(&set);
+        prop_assert_eq!(normal(&client), normal(&server));
+        // counters agree with the entries
+        let metas: usize = set.iter().map(|(_, m)| m.count()).sum();
+        prop_assert_eq!(metas, set.metas());
+    }
+}
