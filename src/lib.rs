@@ -1,3 +1,7 @@
 //! presenced: the server crate. Configuration, the Diesel store, authentication, the actix-web
 //! routes and the WebSocket transport, wired to the actor tree of `presence-actors` in `app`.
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod http;
 pub mod store;

@@ -211,11 +211,24 @@ fn merging_an_update_chain_points_the_last_join_at_the_meta_clients_saw() {
 /// One step a random client population can take.
 #[derive(Clone, Debug)]
 enum Op {
-    Join { user: u8, session: u8, device: u8 },
-    Leave { session: u8 },
-    Drop { session: u8 },
-    Status { session: u8, status: u8 },
-    Tick { ms: u16 },
+    Join {
+        user: u8,
+        session: u8,
+        device: u8,
+    },
+    Leave {
+        session: u8,
+    },
+    Drop {
+        session: u8,
+    },
+    Status {
+        session: u8,
+        status: u8,
+    },
+    Tick {
+        ms: u16,
+    },
     /// A client (the observer) reconnects: it resyncs from a fresh `presence_state`.
     Resync,
 }

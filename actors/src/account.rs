@@ -1,0 +1,414 @@
+//! `AccountActor`: one tenant's live view. It tracks every connection of the account's end users
+//! (presence keyed by user, one meta per connection, with the same grace rules as rooms), which
+//! rooms each connection is in (for where-now), and fans `presence_diff` out to the dashboard
+//! sessions that follow `account:<id>`. Restarted by the registry like a room when it dies.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use bytestring::ByteString;
+use serde_json::{json, Map, Value};
+use tokio::sync::oneshot;
+
+use crate::config::EngineConfig;
+use crate::fanout::{Fanout, Subscriber};
+use crate::messages::{AccountMembership, Crash, Leave, SessionAddr};
+use crate::metrics::Metrics;
+use crate::now_ms;
+use crate::presence::{Arrival, Departure, Diff, IdGen, Key, PresenceSet, Ref, SessionId};
+use crate::protocol::{self, Reason};
+use crate::registry::{ActorDown, DownKind, Registry};
+use crate::supervision::DeathNotice;
+
+/// A connection of an end user arrives in the account.
+#[derive(Message)]
+#[rtype(result = "Ref")]
+pub struct Connect {
+    pub user: Key,
+    pub arrival: Arrival,
+    pub to: SessionAddr,
+}
+
+/// The rooms a connection is in changed (sent after each join and leave).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RoomsChanged {
+    pub session: SessionId,
+    pub rooms: Vec<Arc<str>>,
+}
+
+/// A connection changed its status (the latest status pushed in any room).
+#[derive(Message)]
+#[rtype(result = "Option<Ref>")]
+pub struct ConnectionStatus {
+    pub user: Key,
+    pub session: SessionId,
+    pub status: Arc<str>,
+}
+
+/// A dashboard session follows `account:<id>`; the reply is the `presence_state` frame.
+#[derive(Message)]
+#[rtype(result = "Result<ByteString, Reason>")]
+pub struct Subscribe {
+    pub session: SessionId,
+    pub user: Key,
+    pub to: SessionAddr,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Unsubscribe {
+    pub session: SessionId,
+}
+
+/// Here-now of the whole account.
+#[derive(Message)]
+#[rtype(result = "Value")]
+pub struct AccountHereNow;
+
+/// Where-now of one user: their connections, with rooms and status.
+#[derive(Message)]
+#[rtype(result = "Value")]
+pub struct WhereNow {
+    pub user: String,
+}
+
+/// Push a non-presence event (`account_update`, `usage_changed`, `billing_alert`) to followers.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Notify {
+    pub event: String,
+    pub payload: Value,
+}
+
+/// Counts for dashboards and plan checks.
+#[derive(Message)]
+#[rtype(result = "AccountCounts")]
+pub struct Counts;
+
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct AccountCounts {
+    pub users: usize,
+    pub connections: usize,
+    pub followers: usize,
+}
+
+pub struct AccountActor {
+    id: Arc<str>,
+    topic: Arc<str>,
+    presence: PresenceSet,
+    rooms_of: HashMap<SessionId, Vec<Arc<str>>>,
+    /// Connections still open, so a session that reports again after a restart is not doubled.
+    live: HashMap<SessionId, (Key, SessionAddr)>,
+    followers: Fanout,
+    ids: Arc<IdGen>,
+    cfg: Arc<EngineConfig>,
+    metrics: Metrics,
+    recovery: Option<oneshot::Receiver<Vec<AccountMembership>>>,
+    notice: DeathNotice,
+}
+
+pub struct AccountSpec {
+    pub id: Arc<str>,
+    pub gen: u64,
+    pub ids: Arc<IdGen>,
+    pub cfg: Arc<EngineConfig>,
+    pub metrics: Metrics,
+    pub registry: Addr<Registry>,
+    pub recovery: Option<oneshot::Receiver<Vec<AccountMembership>>>,
+}
+
+impl AccountActor {
+    pub fn new(spec: AccountSpec) -> AccountActor {
+        let notice = DeathNotice::new(
+            spec.registry.recipient::<ActorDown>(),
+            DownKind::Account {
+                account: spec.id.clone(),
+            },
+            spec.gen,
+        );
+        AccountActor {
+            topic: format!("account:{}", spec.id).into(),
+            id: spec.id,
+            presence: PresenceSet::new(),
+            rooms_of: HashMap::new(),
+            live: HashMap::new(),
+            followers: Fanout::default(),
+            ids: spec.ids,
+            cfg: spec.cfg,
+            metrics: spec.metrics,
+            recovery: spec.recovery,
+            notice,
+        }
+    }
+
+    fn emit(&mut self, diff: Diff) {
+        if diff.is_empty() {
+            return;
+        }
+        self.metrics.diffs.inc();
+        let frame = protocol::broadcast(&self.topic, "presence_diff", &diff);
+        // Followers are dashboards, not presences: a slow one is simply cut off.
+        self.followers
+            .send(&frame, None, &self.topic, &self.metrics);
+    }
+
+    fn state_frame(&self) -> ByteString {
+        protocol::broadcast(&self.topic, "presence_state", &self.presence.state())
+    }
+
+    fn schedule_expiry(&mut self, ctx: &mut Context<Self>, until: i64) {
+        let wait = (until - now_ms()).max(0) as u64 + 1;
+        ctx.run_later(Duration::from_millis(wait), |act, _| {
+            let now = now_ms();
+            let d = act.presence.expire(now);
+            for (_, m) in &d.leaves {
+                act.rooms_of.remove(&m.session);
+            }
+            act.emit(d);
+        });
+    }
+
+    fn connection_json(&self, user: &str, session: SessionId) -> Option<Value> {
+        let meta = self.presence.meta_of(user, session)?;
+        let rooms: Vec<&str> = self
+            .rooms_of
+            .get(&session)
+            .map(|r| r.iter().map(|s| &**s).collect())
+            .unwrap_or_default();
+        let mut v = serde_json::to_value(meta).unwrap_or(Value::Null);
+        if let Some(o) = v.as_object_mut() {
+            o.insert("session_id".into(), Value::from(session.to_string()));
+            o.insert("rooms".into(), json!(rooms));
+            o.insert(
+                "connected".into(),
+                Value::from(self.live.contains_key(&session)),
+            );
+        }
+        Some(v)
+    }
+}
+
+impl Actor for AccountActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(self.cfg.limits.max_outbound.max(1024));
+        self.metrics.accounts.inc();
+        if let Some(rx) = self.recovery.take() {
+            let wait =
+                tokio::time::timeout(Duration::from_millis(self.cfg.recovery_timeout_ms * 2), rx);
+            ctx.wait(actix::fut::wrap_future::<_, Self>(wait).map(
+                |res, act: &mut AccountActor, _| {
+                    let members = match res {
+                        Ok(Ok(m)) => m,
+                        _ => Vec::new(),
+                    };
+                    log::info!(
+                        "account {} rebuilt from {} live sessions",
+                        act.id,
+                        members.len()
+                    );
+                    for m in members {
+                        if let Some((user, meta)) = m.connection {
+                            act.presence.restore(&user, meta);
+                            act.rooms_of.insert(m.session, m.rooms);
+                            act.live.insert(m.session, (user, m.to.clone()));
+                        }
+                        if let Some(user) = m.follower {
+                            act.followers
+                                .insert(m.session, Subscriber { user, to: m.to });
+                        }
+                    }
+                    let frame = act.state_frame();
+                    act.followers.send(&frame, None, &act.topic, &act.metrics);
+                },
+            ));
+        }
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        self.notice.disarm();
+        self.metrics.accounts.dec();
+    }
+}
+
+impl Drop for AccountActor {
+    fn drop(&mut self) {
+        if self.notice.armed() {
+            self.metrics.accounts.dec();
+        }
+    }
+}
+
+impl Handler<Connect> for AccountActor {
+    type Result = MessageResult<Connect>;
+
+    fn handle(&mut self, msg: Connect, _: &mut Context<Self>) -> Self::Result {
+        let session = msg.arrival.session;
+        let phx_ref = self.ids.next_ref();
+        self.live.insert(session, (msg.user.clone(), msg.to));
+        let diff = self.presence.join(&msg.user, msg.arrival, phx_ref);
+        // A reconnect that replaced a ghost inherits nothing of its rooms: it will join again.
+        for (_, m) in &diff.leaves {
+            self.rooms_of.remove(&m.session);
+        }
+        self.emit(diff);
+        MessageResult(phx_ref)
+    }
+}
+
+impl Handler<Leave> for AccountActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Leave, ctx: &mut Context<Self>) {
+        self.live.remove(&msg.session);
+        self.followers.remove(msg.session);
+        let diff = self.presence.leave(&msg.user, msg.session, msg.how);
+        match msg.how {
+            Departure::Grace { until } => self.schedule_expiry(ctx, until),
+            Departure::Now => {
+                self.rooms_of.remove(&msg.session);
+            }
+        }
+        self.emit(diff);
+    }
+}
+
+impl Handler<RoomsChanged> for AccountActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: RoomsChanged, _: &mut Context<Self>) {
+        if self.live.contains_key(&msg.session) {
+            self.rooms_of.insert(msg.session, msg.rooms);
+        }
+    }
+}
+
+impl Handler<ConnectionStatus> for AccountActor {
+    type Result = Option<Ref>;
+
+    fn handle(&mut self, msg: ConnectionStatus, _: &mut Context<Self>) -> Option<Ref> {
+        let current = self.presence.meta_of(&msg.user, msg.session)?;
+        if current.status == msg.status {
+            return Some(current.phx_ref);
+        }
+        let (diff, meta) = self.presence.update(
+            &msg.user,
+            msg.session,
+            Some(msg.status),
+            None,
+            self.ids.next_ref(),
+        )?;
+        self.emit(diff);
+        Some(meta.phx_ref)
+    }
+}
+
+impl Handler<Subscribe> for AccountActor {
+    type Result = Result<ByteString, Reason>;
+
+    fn handle(&mut self, msg: Subscribe, _: &mut Context<Self>) -> Self::Result {
+        self.followers.insert(
+            msg.session,
+            Subscriber {
+                user: msg.user,
+                to: msg.to,
+            },
+        );
+        Ok(self.state_frame())
+    }
+}
+
+impl Handler<Unsubscribe> for AccountActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Unsubscribe, _: &mut Context<Self>) {
+        self.followers.remove(msg.session);
+    }
+}
+
+impl Handler<AccountHereNow> for AccountActor {
+    type Result = MessageResult<AccountHereNow>;
+
+    fn handle(&mut self, _: AccountHereNow, _: &mut Context<Self>) -> Self::Result {
+        let mut users = Map::new();
+        for (k, metas) in self.presence.iter() {
+            let conns: Vec<Value> = metas
+                .filter_map(|m| self.connection_json(k, m.session))
+                .collect();
+            users.insert(k.to_string(), json!({ "metas": conns }));
+        }
+        MessageResult(json!({
+            "account": &*self.id,
+            "users": self.presence.keys(),
+            "connections": self.presence.metas(),
+            "presences": users,
+        }))
+    }
+}
+
+impl Handler<WhereNow> for AccountActor {
+    type Result = MessageResult<WhereNow>;
+
+    fn handle(&mut self, msg: WhereNow, _: &mut Context<Self>) -> Self::Result {
+        let sessions: Vec<Value> = match self.presence.get(&msg.user) {
+            Some(metas) => metas
+                .filter_map(|m| self.connection_json(&msg.user, m.session))
+                .collect(),
+            None => Vec::new(),
+        };
+        let mut rooms: Vec<String> = sessions
+            .iter()
+            .filter_map(|s| s.get("rooms").and_then(Value::as_array))
+            .flatten()
+            .filter_map(|r| r.as_str().map(String::from))
+            .collect();
+        rooms.sort();
+        rooms.dedup();
+        let status = sessions
+            .iter()
+            .filter_map(|s| s.get("status").and_then(Value::as_str))
+            .next()
+            .map(String::from);
+        MessageResult(json!({
+            "user": msg.user,
+            "online": !sessions.is_empty(),
+            "status": status,
+            "rooms": rooms,
+            "sessions": sessions,
+        }))
+    }
+}
+
+impl Handler<Notify> for AccountActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Notify, _: &mut Context<Self>) {
+        let frame = protocol::broadcast(&self.topic, &msg.event, &msg.payload);
+        self.followers
+            .send(&frame, None, &self.topic, &self.metrics);
+    }
+}
+
+impl Handler<Counts> for AccountActor {
+    type Result = MessageResult<Counts>;
+
+    fn handle(&mut self, _: Counts, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(AccountCounts {
+            users: self.presence.keys(),
+            connections: self.live.len(),
+            followers: self.followers.len(),
+        })
+    }
+}
+
+impl Handler<Crash> for AccountActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Crash, _: &mut Context<Self>) {
+        panic!("account {} crashed on purpose (chaos hook)", self.id);
+    }
+}

@@ -1,0 +1,74 @@
+//! The engine's knobs, from the `presence` and `limits` sections of the server configuration.
+//! Defaults are production values; tests shrink the timings to milliseconds.
+
+use serde::{Deserialize, Serialize};
+
+/// Per-socket and per-account limits; every one has a clear error reason when crossed.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest text frame a client may send; larger ones get `frame_too_large`.
+    pub max_frame_bytes: usize,
+    /// Topics one socket may have joined at once; more get `too_many_joins`.
+    pub max_joins_per_socket: usize,
+    /// Serialised size of a join's or status push's `meta`; larger gets `meta_too_large`.
+    pub max_meta_bytes: usize,
+    /// Distinct live rooms per account; a join that would create one more gets `room_limit`.
+    pub max_rooms_per_account: usize,
+    /// Sessions in one room; more get `room_full`.
+    pub max_room_members: usize,
+    pub max_user_id_len: usize,
+    pub max_room_name_len: usize,
+    /// Messages queued towards one subscriber before it is cut off as a slow consumer.
+    pub max_outbound: usize,
+    /// Error replies a socket may earn per minute before it is closed for abuse.
+    pub max_errors_per_minute: u32,
+    /// Pushes (status, broadcast) in flight per socket; more get `rate_limited`.
+    pub max_inflight: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame_bytes: 64 * 1024,
+            max_joins_per_socket: 100,
+            max_meta_bytes: 4096,
+            max_rooms_per_account: 10_000,
+            max_room_members: 100_000,
+            max_user_id_len: 128,
+            max_room_name_len: 128,
+            max_outbound: 256,
+            max_errors_per_minute: 120,
+            max_inflight: 64,
+        }
+    }
+}
+
+/// Timings and shape of the actor tree.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// How long a dropped session stays present, waiting for its reconnect.
+    pub grace_ms: u64,
+    /// A socket silent for this long is closed.
+    pub timeout_ms: u64,
+    /// An empty room lingers this long before it stops, so churn does not restart it each time.
+    pub room_idle_ms: u64,
+    /// How long a restarted actor waits for live sessions to report before it serves.
+    pub recovery_timeout_ms: u64,
+    /// Worker threads (arbiters) that rooms and accounts are spread over.
+    pub arbiters: usize,
+    pub limits: Limits,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            grace_ms: 5_000,
+            timeout_ms: 60_000,
+            room_idle_ms: 30_000,
+            recovery_timeout_ms: 2_000,
+            arbiters: 2,
+            limits: Limits::default(),
+        }
+    }
+}

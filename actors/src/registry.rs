@@ -1,0 +1,558 @@
+//! `Registry`: the supervisor. It starts account and room actors on demand, spread over the
+//! engine's arbiters; it knows every live session (so it can kick one, shut all down, and ask them
+//! to rebuild an actor); and when an account or room actor dies it starts a new generation and
+//! feeds it the state reported by the live sessions.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use futures_util::future::join_all;
+use tokio::sync::oneshot;
+
+use crate::account::{AccountActor, AccountSpec};
+use crate::config::EngineConfig;
+use crate::messages::{Crash, Report, ReportMembership, SessionAddr, ToSession};
+use crate::metrics::Metrics;
+use crate::presence::{IdGen, Key, SessionId};
+use crate::protocol::Reason;
+use crate::room::{RoomActor, RoomSpec};
+
+/// Which supervised actor died.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum DownKind {
+    Room { account: Arc<str>, room: Arc<str> },
+    Account { account: Arc<str> },
+}
+
+/// Sent by a `DeathNotice` when its actor died without stopping on purpose.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct ActorDown {
+    pub kind: DownKind,
+    pub gen: u64,
+}
+
+/// A new WebSocket session. The reply is its account's actor, started if needed.
+#[derive(Message)]
+#[rtype(result = "Result<Addr<AccountActor>, Reason>")]
+pub struct RegisterSession {
+    pub session: SessionId,
+    pub account: Arc<str>,
+    pub user: Key,
+    pub to: SessionAddr,
+    pub report: Recipient<ReportMembership>,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct UnregisterSession {
+    pub session: SessionId,
+}
+
+/// The room actor for `(account, room)`, started if needed (within the account's room limit).
+#[derive(Message)]
+#[rtype(result = "Result<Addr<RoomActor>, Reason>")]
+pub struct ResolveRoom {
+    pub account: Arc<str>,
+    pub room: Arc<str>,
+}
+
+/// The room actor if it is live; never starts one.
+#[derive(Message)]
+#[rtype(result = "Option<Addr<RoomActor>>")]
+pub struct LookupRoom {
+    pub account: Arc<str>,
+    pub room: Arc<str>,
+}
+
+/// The account actor, started if needed (dashboards may follow an account nobody is in yet).
+#[derive(Message)]
+#[rtype(result = "Result<Addr<AccountActor>, Reason>")]
+pub struct ResolveAccount {
+    pub account: Arc<str>,
+}
+
+/// The live rooms of an account.
+#[derive(Message)]
+#[rtype(result = "Vec<(Arc<str>, Addr<RoomActor>)>")]
+pub struct ListRooms {
+    pub account: Arc<str>,
+}
+
+/// An idle room asks to stop; `true` means it was removed and may stop.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct RoomIdle {
+    pub account: Arc<str>,
+    pub room: Arc<str>,
+    pub gen: u64,
+}
+
+/// Disconnect one session (an admin's kick). `account` scopes it: another account's session is
+/// "not found".
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct KickSession {
+    pub account: Arc<str>,
+    pub session: SessionId,
+}
+
+/// Chaos hook: make a live room or account actor panic.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct CrashActor {
+    pub kind: DownKind,
+}
+
+/// Graceful shutdown: every session is closed with 1001; the reply is how many were told.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct Shutdown;
+
+/// Totals for `/metrics` and readiness.
+#[derive(Message)]
+#[rtype(result = "RegistryStats")]
+pub struct Stats;
+
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct RegistryStats {
+    pub sessions: usize,
+    pub accounts: usize,
+    pub rooms: usize,
+    pub restarts: u64,
+}
+
+struct Slot<A: Actor> {
+    addr: Addr<A>,
+    gen: u64,
+}
+
+struct SessionEntry {
+    account: Arc<str>,
+    to: SessionAddr,
+    report: Recipient<ReportMembership>,
+}
+
+pub struct Registry {
+    cfg: Arc<EngineConfig>,
+    ids: Arc<IdGen>,
+    metrics: Metrics,
+    arbiters: Vec<Arbiter>,
+    next_arbiter: usize,
+    next_gen: u64,
+    accounts: HashMap<Arc<str>, Slot<AccountActor>>,
+    rooms: HashMap<(Arc<str>, Arc<str>), Slot<RoomActor>>,
+    rooms_per_account: HashMap<Arc<str>, usize>,
+    sessions: HashMap<SessionId, SessionEntry>,
+    by_account: HashMap<Arc<str>, HashSet<SessionId>>,
+    restarts: u64,
+    shutting_down: bool,
+}
+
+impl Registry {
+    pub fn new(cfg: Arc<EngineConfig>, ids: Arc<IdGen>, metrics: Metrics) -> Registry {
+        Registry {
+            cfg,
+            ids,
+            metrics,
+            arbiters: Vec::new(),
+            next_arbiter: 0,
+            next_gen: 1,
+            accounts: HashMap::new(),
+            rooms: HashMap::new(),
+            rooms_per_account: HashMap::new(),
+            sessions: HashMap::new(),
+            by_account: HashMap::new(),
+            restarts: 0,
+            shutting_down: false,
+        }
+    }
+
+    fn arbiter(&mut self) -> ArbiterHandle {
+        let i = self.next_arbiter % self.arbiters.len().max(1);
+        self.next_arbiter = self.next_arbiter.wrapping_add(1);
+        match self.arbiters.get(i) {
+            Some(a) => a.handle(),
+            None => Arbiter::current(),
+        }
+    }
+
+    fn gen(&mut self) -> u64 {
+        self.next_gen += 1;
+        self.next_gen
+    }
+
+    fn start_account(
+        &mut self,
+        account: &Arc<str>,
+        me: Addr<Registry>,
+        recovery: Option<oneshot::Receiver<Vec<crate::messages::AccountMembership>>>,
+    ) -> Addr<AccountActor> {
+        let spec = AccountSpec {
+            id: account.clone(),
+            gen: self.gen(),
+            ids: self.ids.clone(),
+            cfg: self.cfg.clone(),
+            metrics: self.metrics.clone(),
+            registry: me,
+            recovery,
+        };
+        let gen = spec.gen;
+        let addr =
+            AccountActor::start_in_arbiter(&self.arbiter(), move |_| AccountActor::new(spec));
+        self.accounts.insert(
+            account.clone(),
+            Slot {
+                addr: addr.clone(),
+                gen,
+            },
+        );
+        addr
+    }
+
+    fn ensure_account(&mut self, account: &Arc<str>, me: Addr<Registry>) -> Addr<AccountActor> {
+        match self.accounts.get(account) {
+            Some(s) if s.addr.connected() => s.addr.clone(),
+            _ => self.start_account(account, me, None),
+        }
+    }
+
+    fn start_room(
+        &mut self,
+        account: &Arc<str>,
+        room: &Arc<str>,
+        me: Addr<Registry>,
+        recovery: Option<oneshot::Receiver<Vec<crate::messages::RoomMembership>>>,
+    ) -> Addr<RoomActor> {
+        let spec = RoomSpec {
+            account: account.clone(),
+            name: room.clone(),
+            gen: self.gen(),
+            ids: self.ids.clone(),
+            cfg: self.cfg.clone(),
+            metrics: self.metrics.clone(),
+            registry: me,
+            recovery,
+        };
+        let gen = spec.gen;
+        let addr = RoomActor::start_in_arbiter(&self.arbiter(), move |_| RoomActor::new(spec));
+        self.rooms.insert(
+            (account.clone(), room.clone()),
+            Slot {
+                addr: addr.clone(),
+                gen,
+            },
+        );
+        addr
+    }
+
+    /// Asks every live session of `account` for its stake, with a deadline, and hands the
+    /// answers to the restarted actor.
+    fn collect<T: Send + 'static>(
+        &self,
+        account: &Arc<str>,
+        ask: ReportMembership,
+        pick: fn(Report) -> Option<T>,
+        tx: oneshot::Sender<Vec<T>>,
+    ) {
+        let targets: Vec<Recipient<ReportMembership>> = self
+            .by_account
+            .get(account)
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|id| self.sessions.get(id).map(|s| s.report.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let timeout = Duration::from_millis(self.cfg.recovery_timeout_ms);
+        let fut = async move {
+            let answers = join_all(
+                targets
+                    .iter()
+                    .map(|r| tokio::time::timeout(timeout, r.send(ask.clone()))),
+            )
+            .await;
+            let members: Vec<T> = answers
+                .into_iter()
+                .filter_map(|a| match a {
+                    Ok(Ok(report)) => pick(report),
+                    _ => None,
+                })
+                .collect();
+            let _ = tx.send(members);
+        };
+        actix::spawn(fut);
+    }
+}
+
+impl Actor for Registry {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(64 * 1024);
+        for _ in 0..self.cfg.arbiters.max(1) {
+            self.arbiters.push(Arbiter::new());
+        }
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        for a in self.arbiters.drain(..) {
+            a.stop();
+        }
+    }
+}
+
+impl Handler<RegisterSession> for Registry {
+    type Result = Result<Addr<AccountActor>, Reason>;
+
+    fn handle(&mut self, msg: RegisterSession, ctx: &mut Context<Self>) -> Self::Result {
+        if self.shutting_down {
+            return Err(Reason::ServerShutdown);
+        }
+        let addr = self.ensure_account(&msg.account, ctx.address());
+        self.metrics
+            .sessions_by_account
+            .with_label_values(&[&msg.account])
+            .inc();
+        self.by_account
+            .entry(msg.account.clone())
+            .or_default()
+            .insert(msg.session);
+        self.sessions.insert(
+            msg.session,
+            SessionEntry {
+                account: msg.account,
+                to: msg.to,
+                report: msg.report,
+            },
+        );
+        let _ = msg.user;
+        Ok(addr)
+    }
+}
+
+impl Handler<UnregisterSession> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: UnregisterSession, _: &mut Context<Self>) {
+        if let Some(entry) = self.sessions.remove(&msg.session) {
+            let gauge = self
+                .metrics
+                .sessions_by_account
+                .with_label_values(&[&entry.account]);
+            gauge.dec();
+            if let Some(set) = self.by_account.get_mut(&entry.account) {
+                set.remove(&msg.session);
+                if set.is_empty() {
+                    self.by_account.remove(&entry.account);
+                    let _ = self
+                        .metrics
+                        .sessions_by_account
+                        .remove_label_values(&[&entry.account]);
+                }
+            }
+        }
+    }
+}
+
+impl Handler<ResolveRoom> for Registry {
+    type Result = Result<Addr<RoomActor>, Reason>;
+
+    fn handle(&mut self, msg: ResolveRoom, ctx: &mut Context<Self>) -> Self::Result {
+        if self.shutting_down {
+            return Err(Reason::ServerShutdown);
+        }
+        let key = (msg.account.clone(), msg.room.clone());
+        if let Some(slot) = self.rooms.get(&key) {
+            if slot.addr.connected() {
+                return Ok(slot.addr.clone());
+            }
+        }
+        let count = self
+            .rooms_per_account
+            .get(&msg.account)
+            .copied()
+            .unwrap_or(0);
+        let replacing = self.rooms.contains_key(&key);
+        if !replacing && count >= self.cfg.limits.max_rooms_per_account {
+            return Err(Reason::RoomLimit);
+        }
+        if !replacing {
+            *self
+                .rooms_per_account
+                .entry(msg.account.clone())
+                .or_default() += 1;
+        }
+        Ok(self.start_room(&msg.account, &msg.room, ctx.address(), None))
+    }
+}
+
+impl Handler<LookupRoom> for Registry {
+    type Result = Option<Addr<RoomActor>>;
+
+    fn handle(&mut self, msg: LookupRoom, _: &mut Context<Self>) -> Self::Result {
+        self.rooms
+            .get(&(msg.account, msg.room))
+            .map(|s| s.addr.clone())
+    }
+}
+
+impl Handler<ResolveAccount> for Registry {
+    type Result = Result<Addr<AccountActor>, Reason>;
+
+    fn handle(&mut self, msg: ResolveAccount, ctx: &mut Context<Self>) -> Self::Result {
+        if self.shutting_down {
+            return Err(Reason::ServerShutdown);
+        }
+        Ok(self.ensure_account(&msg.account, ctx.address()))
+    }
+}
+
+impl Handler<ListRooms> for Registry {
+    type Result = MessageResult<ListRooms>;
+
+    fn handle(&mut self, msg: ListRooms, _: &mut Context<Self>) -> Self::Result {
+        let mut rooms: Vec<(Arc<str>, Addr<RoomActor>)> = self
+            .rooms
+            .iter()
+            .filter(|((a, _), _)| *a == msg.account)
+            .map(|((_, r), s)| (r.clone(), s.addr.clone()))
+            .collect();
+        rooms.sort_by(|a, b| a.0.cmp(&b.0));
+        MessageResult(rooms)
+    }
+}
+
+impl Handler<RoomIdle> for Registry {
+    type Result = bool;
+
+    fn handle(&mut self, msg: RoomIdle, _: &mut Context<Self>) -> bool {
+        let key = (msg.account.clone(), msg.room);
+        match self.rooms.get(&key) {
+            Some(slot) if slot.gen == msg.gen => {
+                self.rooms.remove(&key);
+                if let Some(n) = self.rooms_per_account.get_mut(&msg.account) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.rooms_per_account.remove(&msg.account);
+                    }
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Handler<ActorDown> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: ActorDown, ctx: &mut Context<Self>) {
+        if self.shutting_down {
+            return;
+        }
+        match msg.kind {
+            DownKind::Room { account, room } => {
+                let key = (account.clone(), room.clone());
+                if self.rooms.get(&key).map(|s| s.gen) != Some(msg.gen) {
+                    return;
+                }
+                self.restarts += 1;
+                self.metrics.restarts.with_label_values(&["room"]).inc();
+                log::warn!("room {account}/{room} died; restarting it from its live sessions");
+                let (tx, rx) = oneshot::channel();
+                let addr = self.start_room(&account, &room, ctx.address(), Some(rx));
+                self.collect(
+                    &account,
+                    ReportMembership::Room { room, addr },
+                    |r| match r {
+                        Report::Room(m) => Some(m),
+                        _ => None,
+                    },
+                    tx,
+                );
+            }
+            DownKind::Account { account } => {
+                if self.accounts.get(&account).map(|s| s.gen) != Some(msg.gen) {
+                    return;
+                }
+                self.restarts += 1;
+                self.metrics.restarts.with_label_values(&["account"]).inc();
+                log::warn!("account {account} died; restarting it from its live sessions");
+                let (tx, rx) = oneshot::channel();
+                let addr = self.start_account(&account, ctx.address(), Some(rx));
+                self.collect(
+                    &account,
+                    ReportMembership::Account { addr },
+                    |r| match r {
+                        Report::Account(m) => Some(m),
+                        _ => None,
+                    },
+                    tx,
+                );
+            }
+        }
+    }
+}
+
+impl Handler<KickSession> for Registry {
+    type Result = bool;
+
+    fn handle(&mut self, msg: KickSession, _: &mut Context<Self>) -> bool {
+        match self.sessions.get(&msg.session) {
+            Some(s) if s.account == msg.account => {
+                let _ = s.to.do_send(ToSession::Close {
+                    reason: Reason::Kicked,
+                });
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Handler<CrashActor> for Registry {
+    type Result = bool;
+
+    fn handle(&mut self, msg: CrashActor, _: &mut Context<Self>) -> bool {
+        match msg.kind {
+            DownKind::Room { account, room } => match self.rooms.get(&(account, room)) {
+                Some(s) => s.addr.try_send(Crash).is_ok(),
+                None => false,
+            },
+            DownKind::Account { account } => match self.accounts.get(&account) {
+                Some(s) => s.addr.try_send(Crash).is_ok(),
+                None => false,
+            },
+        }
+    }
+}
+
+impl Handler<Shutdown> for Registry {
+    type Result = usize;
+
+    fn handle(&mut self, _: Shutdown, _: &mut Context<Self>) -> usize {
+        self.shutting_down = true;
+        for s in self.sessions.values() {
+            let _ = s.to.do_send(ToSession::Close {
+                reason: Reason::ServerShutdown,
+            });
+        }
+        self.sessions.len()
+    }
+}
+
+impl Handler<Stats> for Registry {
+    type Result = MessageResult<Stats>;
+
+    fn handle(&mut self, _: Stats, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(RegistryStats {
+            sessions: self.sessions.len(),
+            accounts: self.accounts.len(),
+            rooms: self.rooms.len(),
+            restarts: self.restarts,
+        })
+    }
+}

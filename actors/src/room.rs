@@ -1,0 +1,358 @@
+//! `RoomActor`: the presence of one room of one account, and the fan-out to its members.
+//!
+//! A room is started by the registry on one of the engine's arbiters. It owns its `PresenceSet`;
+//! every change becomes one `presence_diff` frame, serialised once and shared by all members.
+//! An empty room lingers for `room_idle_ms`, then asks the registry for leave to stop. If it
+//! dies, the registry starts a new one that waits (mailbox paused) for the live sessions'
+//! reports, rebuilds the same state, and re-sends `presence_state` so clients reconcile silently.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use bytestring::ByteString;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use crate::config::EngineConfig;
+use crate::fanout::{Fanout, Subscriber};
+use crate::messages::{
+    Broadcast, Crash, HereNow, HereNowPage, Join, Joined, Leave, RoomMembership, SetStatus,
+};
+use crate::metrics::Metrics;
+use crate::now_ms;
+use crate::presence::{Departure, Diff, IdGen, PresenceSet, Ref};
+use crate::protocol::{self, Reason};
+use crate::registry::{ActorDown, DownKind, Registry, RoomIdle};
+use crate::supervision::DeathNotice;
+
+pub struct RoomActor {
+    account: Arc<str>,
+    name: Arc<str>,
+    /// `room:<name>`, shared by every frame this room emits.
+    topic: Arc<str>,
+    presence: PresenceSet,
+    subs: Fanout,
+    ids: Arc<IdGen>,
+    cfg: Arc<EngineConfig>,
+    metrics: Metrics,
+    registry: Addr<Registry>,
+    /// Present while this room was restarted and waits for the sessions' reports.
+    recovery: Option<oneshot::Receiver<Vec<RoomMembership>>>,
+    idle_timer: Option<SpawnHandle>,
+    notice: DeathNotice,
+}
+
+/// Everything a room needs at birth.
+pub struct RoomSpec {
+    pub account: Arc<str>,
+    pub name: Arc<str>,
+    pub gen: u64,
+    pub ids: Arc<IdGen>,
+    pub cfg: Arc<EngineConfig>,
+    pub metrics: Metrics,
+    pub registry: Addr<Registry>,
+    pub recovery: Option<oneshot::Receiver<Vec<RoomMembership>>>,
+}
+
+impl RoomActor {
+    pub fn new(spec: RoomSpec) -> RoomActor {
+        let topic: Arc<str> = format!("room:{}", spec.name).into();
+        let notice = DeathNotice::new(
+            spec.registry.clone().recipient::<ActorDown>(),
+            DownKind::Room {
+                account: spec.account.clone(),
+                room: spec.name.clone(),
+            },
+            spec.gen,
+        );
+        RoomActor {
+            account: spec.account,
+            name: spec.name,
+            topic,
+            presence: PresenceSet::new(),
+            subs: Fanout::default(),
+            ids: spec.ids,
+            cfg: spec.cfg,
+            metrics: spec.metrics,
+            registry: spec.registry,
+            recovery: spec.recovery,
+            idle_timer: None,
+            notice,
+        }
+    }
+
+    /// Sends a diff to every member, then handles whoever could not take it.
+    fn emit(&mut self, diff: Diff, except: Option<crate::presence::SessionId>) {
+        let mut diff = diff;
+        loop {
+            if diff.is_empty() {
+                return;
+            }
+            self.metrics.diffs.inc();
+            let frame = protocol::broadcast(&self.topic, "presence_diff", &diff);
+            let dropped = self.subs.send(&frame, except, &self.topic, &self.metrics);
+            diff = Diff::default();
+            let until = now_ms() + self.cfg.grace_ms as i64;
+            for d in dropped.into_iter().filter(|d| d.slow) {
+                // A slow consumer is disconnected; it leaves like any dropped session, so a
+                // prompt reconnect is seamless.
+                diff.merge(
+                    self.presence
+                        .leave(&d.user, d.session, Departure::Grace { until }),
+                );
+            }
+        }
+    }
+
+    /// `presence_state` as a ready frame (refs null: the same bytes suit any member).
+    fn state_frame(&self) -> ByteString {
+        protocol::broadcast(&self.topic, "presence_state", &self.presence.state())
+    }
+
+    fn schedule_expiry(&mut self, ctx: &mut Context<Self>, until: i64) {
+        let wait = (until - now_ms()).max(0) as u64 + 1;
+        ctx.run_later(Duration::from_millis(wait), |act, ctx| {
+            let d = act.presence.expire(now_ms());
+            act.metrics.leaves.inc_by(d.leaves.len() as u64);
+            act.emit(d, None);
+            act.check_idle(ctx);
+        });
+    }
+
+    fn check_idle(&mut self, ctx: &mut Context<Self>) {
+        if !(self.presence.is_empty() && self.subs.is_empty()) {
+            if let Some(h) = self.idle_timer.take() {
+                ctx.cancel_future(h);
+            }
+            return;
+        }
+        if self.idle_timer.is_some() {
+            return;
+        }
+        let h = ctx.run_later(Duration::from_millis(self.cfg.room_idle_ms), |act, ctx| {
+            act.idle_timer = None;
+            if !(act.presence.is_empty() && act.subs.is_empty()) {
+                return;
+            }
+            let ask = act.registry.send(RoomIdle {
+                account: act.account.clone(),
+                room: act.name.clone(),
+                gen: act.notice.gen(),
+            });
+            // `wait` pauses the mailbox: no join can slip in between the registry's yes and
+            // the stop. Joins queued meanwhile fail with Closed and are retried by sessions.
+            ctx.wait(ask.into_actor(act).map(|res, act, ctx| {
+                if res.unwrap_or(false) {
+                    act.notice.disarm();
+                    ctx.stop();
+                }
+            }));
+        });
+        self.idle_timer = Some(h);
+    }
+}
+
+impl Actor for RoomActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(self.cfg.limits.max_outbound.max(1024));
+        self.metrics.rooms.inc();
+        if let Some(rx) = self.recovery.take() {
+            let wait =
+                tokio::time::timeout(Duration::from_millis(self.cfg.recovery_timeout_ms * 2), rx);
+            ctx.wait(actix::fut::wrap_future::<_, Self>(wait).map(
+                |res, act: &mut RoomActor, ctx| {
+                    let members = match res {
+                        Ok(Ok(m)) => m,
+                        _ => Vec::new(),
+                    };
+                    log::info!(
+                        "room {}/{} rebuilt from {} live sessions",
+                        act.account,
+                        act.name,
+                        members.len()
+                    );
+                    for m in members {
+                        let session = m.meta.session;
+                        act.presence.restore(&m.user, m.meta);
+                        act.subs.insert(
+                            session,
+                            Subscriber {
+                                user: m.user,
+                                to: m.to,
+                            },
+                        );
+                    }
+                    // Clients reconcile against the rebuilt state: nothing changes for live members,
+                    // and anything the crash lost (ghosts, an unacknowledged update) is corrected.
+                    let frame =
+                        protocol::broadcast(&act.topic, "presence_state", &act.presence.state());
+                    act.subs.send(&frame, None, &act.topic, &act.metrics);
+                    act.check_idle(ctx);
+                },
+            ));
+        } else {
+            self.check_idle(ctx);
+        }
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        // An orderly stop (idle, or the arbiter shutting down) is not a death to restart.
+        self.notice.disarm();
+        self.metrics.rooms.dec();
+    }
+}
+
+impl Drop for RoomActor {
+    fn drop(&mut self) {
+        if self.notice.armed() {
+            // Died without `stopped()`: a panic. The gauge must not keep counting it.
+            self.metrics.rooms.dec();
+        }
+    }
+}
+
+impl Handler<Join> for RoomActor {
+    type Result = Result<Joined, Reason>;
+
+    fn handle(&mut self, msg: Join, ctx: &mut Context<Self>) -> Self::Result {
+        let session = msg.arrival.session;
+        let known = self.subs.contains(session);
+        if !known && self.subs.len() >= self.cfg.limits.max_room_members {
+            return Err(Reason::RoomFull);
+        }
+        let phx_ref: Ref = self.ids.next_ref();
+        let diff = self.presence.join(&msg.user, msg.arrival, phx_ref);
+        self.metrics.joins.inc();
+        self.subs.insert(
+            session,
+            Subscriber {
+                user: msg.user,
+                to: msg.to,
+            },
+        );
+        self.emit(diff, Some(session));
+        self.check_idle(ctx);
+        Ok(Joined {
+            phx_ref,
+            state: self.state_frame(),
+        })
+    }
+}
+
+impl Handler<Leave> for RoomActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Leave, ctx: &mut Context<Self>) {
+        self.subs.remove(msg.session);
+        let diff = self.presence.leave(&msg.user, msg.session, msg.how);
+        match msg.how {
+            Departure::Grace { until } => self.schedule_expiry(ctx, until),
+            Departure::Now => self.metrics.leaves.inc_by(diff.leaves.len() as u64),
+        }
+        self.emit(diff, None);
+        self.check_idle(ctx);
+    }
+}
+
+impl Handler<SetStatus> for RoomActor {
+    type Result = Result<Ref, Reason>;
+
+    fn handle(&mut self, msg: SetStatus, _: &mut Context<Self>) -> Self::Result {
+        if !self.subs.contains(msg.session) {
+            return Err(Reason::NotJoined);
+        }
+        let (diff, meta) = self
+            .presence
+            .update(
+                &msg.user,
+                msg.session,
+                msg.status,
+                msg.fields,
+                self.ids.next_ref(),
+            )
+            .ok_or(Reason::NotJoined)?;
+        self.metrics.updates.inc();
+        self.emit(diff, None);
+        Ok(meta.phx_ref)
+    }
+}
+
+impl Handler<Broadcast> for RoomActor {
+    type Result = Result<(), Reason>;
+
+    fn handle(&mut self, msg: Broadcast, _: &mut Context<Self>) -> Self::Result {
+        if !self.subs.contains(msg.from) {
+            return Err(Reason::NotJoined);
+        }
+        self.metrics.broadcasts.inc();
+        let frame = protocol::broadcast(&self.topic, &msg.event, &msg.payload);
+        let except = (!msg.include_self).then_some(msg.from);
+        let dropped = self.subs.send(&frame, except, &self.topic, &self.metrics);
+        let until = now_ms() + self.cfg.grace_ms as i64;
+        let mut diff = Diff::default();
+        for d in dropped.into_iter().filter(|d| d.slow) {
+            diff.merge(
+                self.presence
+                    .leave(&d.user, d.session, Departure::Grace { until }),
+            );
+        }
+        self.emit(diff, None);
+        Ok(())
+    }
+}
+
+impl Handler<HereNow> for RoomActor {
+    type Result = MessageResult<HereNow>;
+
+    fn handle(&mut self, msg: HereNow, _: &mut Context<Self>) -> Self::Result {
+        let limit = msg.limit.clamp(1, 1000);
+        let page = self.presence.page(msg.after.as_deref(), limit);
+        let next_cursor = if page.len() == limit {
+            page.last().map(|(k, _)| k.to_string())
+        } else {
+            None
+        };
+        let mut presences = serde_json::Map::new();
+        for (k, metas) in page {
+            let metas: Vec<Value> = metas
+                .into_iter()
+                .map(|m| serde_json::to_value(m).unwrap_or(Value::Null))
+                .collect();
+            presences.insert(k.to_string(), serde_json::json!({ "metas": metas }));
+        }
+        MessageResult(HereNowPage {
+            room: self.name.to_string(),
+            users: self.presence.keys(),
+            sessions: self.presence.metas(),
+            presences: Value::Object(presences),
+            next_cursor,
+        })
+    }
+}
+
+/// Occupancy of a room, for dashboards and listings.
+#[derive(Message)]
+#[rtype(result = "(usize, usize)")]
+pub struct Occupancy;
+
+impl Handler<Occupancy> for RoomActor {
+    type Result = MessageResult<Occupancy>;
+
+    fn handle(&mut self, _: Occupancy, _: &mut Context<Self>) -> Self::Result {
+        MessageResult((self.presence.keys(), self.presence.metas()))
+    }
+}
+
+impl Handler<Crash> for RoomActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Crash, _: &mut Context<Self>) {
+        panic!(
+            "room {}/{} crashed on purpose (chaos hook)",
+            self.account, self.name
+        );
+    }
+}

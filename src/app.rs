@@ -1,0 +1,239 @@
+//! Builds and wires a node: settings → store (migrations) → keys and bootstrap admin → actor tree
+//! → HTTP server. `Application::build` binds the listener (port 0 works) so tests can start real
+//! nodes; `shutdown` is the one graceful-stop path, used by signals and tests alike.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::{Actor, Addr, Arbiter};
+use actix_web::dev::{Server, ServerHandle};
+use actix_web::{web, App, HttpServer};
+
+use presence_actors::presence::IdGen;
+use presence_actors::registry::{Registry, Shutdown, Stats};
+use presence_actors::{now_ms, Metrics};
+
+use crate::auth::{self, AccountKeys, KeyRing, ServerKeys};
+use crate::config::Settings;
+use crate::http::{self, AppState};
+use crate::store::{self, Account, NewUser, Store, StoreError};
+
+/// How long shutdown waits for sessions to close after telling them to.
+const SESSION_DRAIN: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("database.url: {0}")]
+    Store(#[from] StoreError),
+    #[error("server.bind: cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("bootstrap: {0}")]
+    Bootstrap(String),
+}
+
+pub struct Application {
+    server: Server,
+    port: u16,
+    state: web::Data<AppState>,
+    /// Kept so the registry's thread lives as long as the node.
+    registry_arbiter: Arbiter,
+    /// Set when the bootstrap admin was created with a generated password (print it once).
+    pub generated_admin_password: Option<String>,
+}
+
+/// An account's keys as the socket checks them.
+pub fn account_keys(a: &Account) -> AccountKeys {
+    AccountKeys {
+        current: a.signing_secret.clone(),
+        previous: match (&a.previous_signing_secret, a.previous_secret_expires_at) {
+            (Some(s), Some(until)) => Some((s.clone(), until)),
+            _ => None,
+        },
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StartError> {
+    actix_web::rt::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StartError::Bootstrap(e.to_string()))?
+        .map_err(StartError::from)
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> Result<Application, StartError> {
+        settings.validate()?;
+        let settings = Arc::new(settings);
+        let (url, size) = (settings.database.url.clone(), settings.database.pool_size);
+        let store = blocking(move || Store::open(&url, size)).await?;
+
+        let jwt = match &settings.auth.jwt_secret {
+            Some(k) => k.clone(),
+            None => {
+                let s = store.clone();
+                blocking(move || s.get_or_create_server_key("jwt", auth::random_secret, now_ms()))
+                    .await?
+            }
+        };
+        let keys = ServerKeys::new(&jwt, settings.auth.access_ttl_s);
+        let generated_admin_password = bootstrap_admin(&store, &settings).await?;
+
+        let keyring = KeyRing::default();
+        let s = store.clone();
+        for a in blocking(move || s.list_accounts()).await? {
+            keyring.put(&a.id, account_keys(&a));
+        }
+
+        let prometheus = prometheus::Registry::new();
+        let metrics = Metrics::new(&prometheus);
+        let engine = Arc::new(settings.engine());
+        let ids = Arc::new(IdGen::new());
+        let registry_arbiter = Arbiter::new();
+        let registry = {
+            let (engine, ids, metrics) = (engine.clone(), ids.clone(), metrics.clone());
+            Registry::start_in_arbiter(&registry_arbiter.handle(), move |_| {
+                Registry::new(engine, ids, metrics)
+            })
+        };
+        let node = settings
+            .cluster
+            .node_id
+            .clone()
+            .unwrap_or_else(|| store::new_id("node_"));
+        let state = web::Data::new(AppState {
+            registry,
+            store,
+            keys,
+            keyring,
+            ids,
+            engine,
+            settings: settings.clone(),
+            metrics,
+            prometheus,
+            node,
+        });
+
+        let addr = settings.bind_addr()?;
+        let listener = TcpListener::bind(addr).map_err(|source| StartError::Bind {
+            addr: addr.to_string(),
+            source,
+        })?;
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+        let workers = match settings.server.workers {
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+            n => n,
+        };
+        let app_state = state.clone();
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(app_state.clone())
+                .wrap(
+                    // No query string in access logs: socket tokens travel there.
+                    actix_web::middleware::Logger::new(r#"%a "%{method}xi %U" %s %b %Dms"#)
+                        .custom_request_replace("method", |req| req.method().to_string()),
+                )
+                .configure(http::routes)
+        })
+        .workers(workers)
+        .backlog(4096)
+        .max_connections(50_000)
+        .max_connection_rate(2_048)
+        .disable_signals()
+        .shutdown_timeout(settings.server.shutdown_timeout_s)
+        .listen(listener)
+        .map_err(|source| StartError::Bind {
+            addr: addr.to_string(),
+            source,
+        })?
+        .run();
+        Ok(Application {
+            server,
+            port,
+            state,
+            registry_arbiter,
+            generated_admin_password,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn state(&self) -> web::Data<AppState> {
+        self.state.clone()
+    }
+
+    pub fn handle(&self) -> ServerHandle {
+        self.server.handle()
+    }
+
+    pub fn registry(&self) -> Addr<Registry> {
+        self.state.registry.clone()
+    }
+
+    /// Runs until the server is stopped (by `shutdown` or its handle).
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let res = self.server.await;
+        self.registry_arbiter.stop();
+        res
+    }
+}
+
+/// The graceful stop: refuse new sessions, close every socket with 1001 (clients reconnect
+/// elsewhere or after the restart, within the grace window), wait briefly for them to go, then
+/// stop the HTTP server.
+pub async fn shutdown(handle: ServerHandle, state: web::Data<AppState>) {
+    let told = state.registry.send(Shutdown).await.unwrap_or(0);
+    log::info!("shutting down: closing {told} sessions");
+    let start = Instant::now();
+    while start.elapsed() < SESSION_DRAIN {
+        match state.registry.send(Stats).await {
+            Ok(s) if s.sessions > 0 => actix_web::rt::time::sleep(Duration::from_millis(20)).await,
+            _ => break,
+        }
+    }
+    handle.stop(true).await;
+    log::info!("stopped");
+}
+
+/// Creates the first admin when there is none. Returns the password if it was generated.
+async fn bootstrap_admin(store: &Store, settings: &Settings) -> Result<Option<String>, StartError> {
+    let s = store.clone();
+    if blocking(move || s.count_admins()).await? > 0 {
+        return Ok(None);
+    }
+    let (password, generated) = match &settings.bootstrap.admin_password {
+        Some(p) => (p.clone(), false),
+        None => (auth::random_password(), true),
+    };
+    let hash = actix_web::rt::task::spawn_blocking({
+        let p = password.clone();
+        move || auth::hash_password(&p)
+    })
+    .await
+    .map_err(|e| StartError::Bootstrap(e.to_string()))?
+    .map_err(StartError::Bootstrap)?;
+    let email = settings.bootstrap.admin_email.trim().to_lowercase();
+    let s = store.clone();
+    blocking(move || {
+        s.create_user(&NewUser {
+            id: &store::new_id("usr_"),
+            email: &email,
+            password_hash: &hash,
+            role: "admin",
+            account_id: None,
+            created_at: now_ms(),
+        })
+    })
+    .await?;
+    Ok(generated.then_some(password))
+}

@@ -1,0 +1,426 @@
+//! Typed settings, layered with the `config` crate: built-in defaults < `presenced.toml` (or the
+//! file named by `PRESENCED_CONFIG`) < environment (`PRESENCED__SECTION__KEY`, plus the
+//! conventional `DATABASE_URL` and `REDIS_URL`). Unknown keys and bad values stop start-up with
+//! one line that names the setting.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use presence_actors::{EngineConfig, Limits};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub database: DatabaseSettings,
+    pub redis: RedisSettings,
+    pub presence: PresenceSettings,
+    pub snapshot: SnapshotSettings,
+    pub cluster: ClusterSettings,
+    pub bootstrap: BootstrapSettings,
+    pub auth: AuthSettings,
+    pub limits: Limits,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// Address to listen on; port 0 picks a free one (tests).
+    pub bind: String,
+    /// HTTP worker threads; 0 means one per core.
+    pub workers: usize,
+    /// Seconds to wait for connections to finish at shutdown before dropping them.
+    pub shutdown_timeout_s: u64,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            bind: "127.0.0.1:4000".into(),
+            workers: 0,
+            shutdown_timeout_s: 5,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    /// `sqlite://data/presenced.db` (default, embedded) or a file path.
+    pub url: String,
+    pub pool_size: u32,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        DatabaseSettings {
+            url: "sqlite://data/presenced.db".into(),
+            pool_size: 8,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSettings {
+    /// `redis://host:port/db`; unset runs a single node.
+    pub url: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceSettings {
+    pub grace_ms: u64,
+    pub timeout_ms: u64,
+    pub room_idle_ms: u64,
+    pub recovery_timeout_ms: u64,
+    /// Threads that rooms and accounts run on; 0 means one per core.
+    pub arbiters: usize,
+}
+
+impl Default for PresenceSettings {
+    fn default() -> Self {
+        let e = EngineConfig::default();
+        PresenceSettings {
+            grace_ms: e.grace_ms,
+            timeout_ms: e.timeout_ms,
+            room_idle_ms: e.room_idle_ms,
+            recovery_timeout_ms: e.recovery_timeout_ms,
+            arbiters: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotSettings {
+    pub interval_ms: u64,
+}
+
+impl Default for SnapshotSettings {
+    fn default() -> Self {
+        SnapshotSettings { interval_ms: 5_000 }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSettings {
+    pub node_ttl_ms: u64,
+    /// This node's name in a cluster; generated when unset.
+    pub node_id: Option<String>,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings {
+            node_ttl_ms: 15_000,
+            node_id: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BootstrapSettings {
+    pub admin_email: String,
+    /// When unset and no admin exists, a password is generated and printed once.
+    pub admin_password: Option<String>,
+}
+
+impl Default for BootstrapSettings {
+    fn default() -> Self {
+        BootstrapSettings {
+            admin_email: "admin@localhost".into(),
+            admin_password: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    /// Key for the server's own access tokens; generated once and kept in the database if unset.
+    pub jwt_secret: Option<String>,
+    pub access_ttl_s: u64,
+    pub refresh_ttl_s: u64,
+    /// How long an account's previous signing secret keeps working after a rotation.
+    pub rotation_grace_s: u64,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        AuthSettings {
+            jwt_secret: None,
+            access_ttl_s: 900,
+            refresh_ttl_s: 30 * 24 * 3600,
+            rotation_grace_s: 24 * 3600,
+        }
+    }
+}
+
+/// A configuration problem, named by its setting.
+#[derive(Debug, thiserror::Error)]
+#[error("{setting}: {message}")]
+pub struct ConfigError {
+    pub setting: String,
+    pub message: String,
+}
+
+fn bad(setting: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        setting: setting.into(),
+        message: message.into(),
+    }
+}
+
+/// Every key with its default, for `--help` and the README.
+pub const KEYS: &[(&str, &str)] = &[
+    ("server.bind", "127.0.0.1:4000"),
+    ("server.workers", "0 (one per core)"),
+    ("server.shutdown_timeout_s", "5"),
+    (
+        "database.url (or DATABASE_URL)",
+        "sqlite://data/presenced.db",
+    ),
+    ("database.pool_size", "8"),
+    ("redis.url (or REDIS_URL)", "unset: single node"),
+    ("presence.grace_ms", "5000"),
+    ("presence.timeout_ms", "60000"),
+    ("presence.room_idle_ms", "30000"),
+    ("presence.recovery_timeout_ms", "2000"),
+    ("presence.arbiters", "0 (one per core)"),
+    ("snapshot.interval_ms", "5000"),
+    ("cluster.node_ttl_ms", "15000"),
+    ("cluster.node_id", "generated"),
+    ("bootstrap.admin_email", "admin@localhost"),
+    ("bootstrap.admin_password", "generated and printed once"),
+    ("auth.jwt_secret", "generated once, kept in the database"),
+    ("auth.access_ttl_s", "900"),
+    ("auth.refresh_ttl_s", "2592000"),
+    ("auth.rotation_grace_s", "86400"),
+    ("limits.max_frame_bytes", "65536"),
+    ("limits.max_joins_per_socket", "100"),
+    ("limits.max_meta_bytes", "4096"),
+    ("limits.max_rooms_per_account", "10000"),
+    ("limits.max_room_members", "100000"),
+    ("limits.max_user_id_len", "128"),
+    ("limits.max_room_name_len", "128"),
+    ("limits.max_outbound", "256"),
+    ("limits.max_errors_per_minute", "120"),
+    ("limits.max_inflight", "64"),
+];
+
+impl Settings {
+    /// Loads the layers. `file`: an explicit path (must exist); otherwise `PRESENCED_CONFIG`,
+    /// otherwise `presenced.toml` in the working directory if present.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        let explicit: Option<PathBuf> = file
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("PRESENCED_CONFIG").map(PathBuf::from));
+        let mut b = config::Config::builder();
+        match &explicit {
+            Some(p) => {
+                if !p.exists() {
+                    return Err(bad(
+                        "PRESENCED_CONFIG",
+                        format!("{} does not exist", p.display()),
+                    ));
+                }
+                b = b.add_source(config::File::from(p.as_path()).format(config::FileFormat::Toml));
+            }
+            None => {
+                b = b.add_source(
+                    config::File::with_name("presenced.toml")
+                        .format(config::FileFormat::Toml)
+                        .required(false),
+                );
+            }
+        }
+        b = b.add_source(
+            config::Environment::with_prefix("PRESENCED")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true),
+        );
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            b = b
+                .set_override("database.url", url)
+                .map_err(|e| bad("DATABASE_URL", e.to_string()))?;
+        }
+        if let Ok(url) = std::env::var("REDIS_URL") {
+            b = b
+                .set_override("redis.url", url)
+                .map_err(|e| bad("REDIS_URL", e.to_string()))?;
+        }
+        let cfg = b.build().map_err(config_error)?;
+        let s: Settings = cfg.try_deserialize().map_err(config_error)?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.bind_addr()?;
+        validate_database_url(&self.database.url).map_err(|m| bad("database.url", m))?;
+        if self.database.pool_size == 0 {
+            return Err(bad("database.pool_size", "must be at least 1"));
+        }
+        if let Some(u) = &self.redis.url {
+            let parsed = url::Url::parse(u).map_err(|e| bad("redis.url", format!("{e}")))?;
+            if !matches!(parsed.scheme(), "redis" | "rediss" | "redis+unix") {
+                return Err(bad("redis.url", "must start with redis://"));
+            }
+        }
+        let p = &self.presence;
+        for (name, v) in [
+            ("presence.timeout_ms", p.timeout_ms),
+            ("snapshot.interval_ms", self.snapshot.interval_ms),
+            ("cluster.node_ttl_ms", self.cluster.node_ttl_ms),
+            ("auth.access_ttl_s", self.auth.access_ttl_s),
+            ("auth.refresh_ttl_s", self.auth.refresh_ttl_s),
+        ] {
+            if v == 0 {
+                return Err(bad(name, "must be greater than 0"));
+            }
+        }
+        let l = &self.limits;
+        for (name, v) in [
+            ("limits.max_frame_bytes", l.max_frame_bytes),
+            ("limits.max_joins_per_socket", l.max_joins_per_socket),
+            ("limits.max_meta_bytes", l.max_meta_bytes),
+            ("limits.max_rooms_per_account", l.max_rooms_per_account),
+            ("limits.max_room_members", l.max_room_members),
+            ("limits.max_user_id_len", l.max_user_id_len),
+            ("limits.max_room_name_len", l.max_room_name_len),
+            ("limits.max_outbound", l.max_outbound),
+            ("limits.max_inflight", l.max_inflight),
+        ] {
+            if v == 0 {
+                return Err(bad(name, "must be greater than 0"));
+            }
+        }
+        if l.max_frame_bytes > MAX_FRAME_HARD_CAP {
+            return Err(bad(
+                "limits.max_frame_bytes",
+                format!("at most {MAX_FRAME_HARD_CAP}"),
+            ));
+        }
+        if self.bootstrap.admin_email.trim().is_empty() || !self.bootstrap.admin_email.contains('@')
+        {
+            return Err(bad("bootstrap.admin_email", "must be an email address"));
+        }
+        if let Some(pw) = &self.bootstrap.admin_password {
+            if pw.len() < 8 {
+                return Err(bad(
+                    "bootstrap.admin_password",
+                    "must be at least 8 characters",
+                ));
+            }
+        }
+        if let Some(k) = &self.auth.jwt_secret {
+            if k.len() < 32 {
+                return Err(bad("auth.jwt_secret", "must be at least 32 characters"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn bind_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.server.bind.parse().map_err(|_| {
+            bad(
+                "server.bind",
+                format!(
+                    "'{}' is not an address like 127.0.0.1:4000",
+                    self.server.bind
+                ),
+            )
+        })
+    }
+
+    pub fn engine(&self) -> EngineConfig {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        EngineConfig {
+            grace_ms: self.presence.grace_ms,
+            timeout_ms: self.presence.timeout_ms,
+            room_idle_ms: self.presence.room_idle_ms,
+            recovery_timeout_ms: self.presence.recovery_timeout_ms,
+            arbiters: if self.presence.arbiters == 0 {
+                cores
+            } else {
+                self.presence.arbiters
+            },
+            limits: self.limits.clone(),
+        }
+    }
+}
+
+/// Which databases this build can open: the embedded SQLite (a `sqlite://` URL or a path).
+fn validate_database_url(url: &str) -> Result<(), String> {
+    let url = url.trim();
+    if url.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Err("PostgreSQL is not supported by this build yet; use sqlite://<path>".into());
+    }
+    if let Some((scheme, _)) = url.split_once("://") {
+        if scheme != "sqlite" {
+            return Err(format!(
+                "unsupported scheme '{scheme}'; use sqlite://<path>"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The transport's own cap: frames over `limits.max_frame_bytes` but under this get an error
+/// reply; frames over this close the socket (1009).
+pub const MAX_FRAME_HARD_CAP: usize = 1024 * 1024;
+
+fn config_error(e: config::ConfigError) -> ConfigError {
+    // The config crate's messages already name the key ("unknown field `x`", "invalid type …
+    // for key `presence.grace_ms`"); keep them on one line.
+    let msg = e.to_string().replace('\n', " ");
+    let setting = msg
+        .split("for key `")
+        .nth(1)
+        .and_then(|r| r.split('`').next())
+        .map(String::from)
+        .unwrap_or_else(|| "configuration".into());
+    bad(&setting, msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Settings::default().validate().unwrap();
+    }
+
+    #[test]
+    fn a_bad_bind_address_names_the_setting() {
+        let mut s = Settings::default();
+        s.server.bind = "nonsense".into();
+        let e = s.validate().unwrap_err();
+        assert_eq!(e.setting, "server.bind");
+    }
+
+    #[test]
+    fn a_zero_limit_is_refused() {
+        let mut s = Settings::default();
+        s.limits.max_outbound = 0;
+        assert_eq!(s.validate().unwrap_err().setting, "limits.max_outbound");
+    }
+
+    #[test]
+    fn a_bad_redis_url_is_refused() {
+        let mut s = Settings::default();
+        s.redis.url = Some("http://x".into());
+        assert_eq!(s.validate().unwrap_err().setting, "redis.url");
+    }
+}

@@ -1,0 +1,602 @@
+//! Handlers of the admin API and the ops endpoints. Database work runs in `web::block`; presence
+//! questions go to the live actors.
+
+use std::sync::Arc;
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use presence_actors::account::{AccountHereNow, Counts, WhereNow};
+use presence_actors::messages::HereNow;
+use presence_actors::presence::SessionId;
+use presence_actors::registry::{KickSession, ListRooms, LookupRoom, ResolveAccount};
+use presence_actors::room::Occupancy;
+use presence_actors::{now_ms, protocol};
+
+use crate::auth;
+use crate::http::error::ApiError;
+use crate::http::{AppState, Caller};
+use crate::store::{self, Account, NewAccount, NewAuditLog, NewRefreshToken};
+
+type Data = web::Data<AppState>;
+
+/// Default and largest page of a room's here-now.
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
+pub async fn index() -> HttpResponse {
+    HttpResponse::Ok().json(json!({
+        "service": "presenced",
+        "version": env!("CARGO_PKG_VERSION"),
+        "socket": "/socket/websocket?vsn=2.0.0",
+        "api": "/api/v1",
+        "health": ["/healthz", "/readyz", "/metrics"],
+    }))
+}
+
+pub async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::not_found("route"))
+}
+
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({ "status": "ok" }))
+}
+
+/// Ready when the database answers (and, in a cluster, Redis).
+pub async fn readyz(state: Data) -> HttpResponse {
+    let store = state.store.clone();
+    let db = match web::block(move || store.ping()).await {
+        Ok(Ok(())) => json!({ "status": "up", "backend": state.store.backend() }),
+        Ok(Err(e)) => json!({ "status": "down", "error": e.to_string() }),
+        Err(_) => json!({ "status": "down", "error": "blocking pool unavailable" }),
+    };
+    let up = db["status"] == "up";
+    let body = json!({ "status": if up { "ready" } else { "not_ready" }, "node": state.node, "database": db });
+    if up {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+pub async fn metrics(state: Data) -> HttpResponse {
+    use prometheus::Encoder;
+    let enc = prometheus::TextEncoder::new();
+    let mut buf = Vec::new();
+    if enc.encode(&state.prometheus.gather(), &mut buf).is_err() {
+        return HttpResponse::InternalServerError().finish();
+    }
+    HttpResponse::Ok().content_type(enc.format_type()).body(buf)
+}
+
+fn client_ip(req: &HttpRequest) -> Option<String> {
+    req.peer_addr().map(|a| a.ip().to_string())
+}
+
+/// Writes an audit entry off the worker thread; a failure is logged, never fatal to the request.
+fn audit(
+    state: &AppState,
+    account: Option<&str>,
+    actor: Option<&str>,
+    action: &'static str,
+    target: Option<&str>,
+    ip: Option<String>,
+) {
+    let store = state.store.clone();
+    let (account, actor, target) = (
+        account.map(String::from),
+        actor.map(String::from),
+        target.map(String::from),
+    );
+    actix_web::rt::spawn(async move {
+        let res = web::block(move || {
+            store.append_audit(&NewAuditLog {
+                at: now_ms(),
+                account_id: account.as_deref(),
+                actor: actor.as_deref(),
+                action,
+                target: target.as_deref(),
+                ip: ip.as_deref(),
+                detail: "{}",
+            })
+        })
+        .await;
+        if !matches!(res, Ok(Ok(()))) {
+            log::warn!("could not write audit entry '{action}'");
+        }
+    });
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Login {
+    email: String,
+    password: String,
+}
+
+/// Issues an access token and a new refresh token (of `family`, or a new family).
+fn issue_pair(
+    state: &AppState,
+    user: &store::User,
+    family: Option<String>,
+) -> Result<Value, ApiError> {
+    let access = state
+        .keys
+        .issue_access(&user.id, &user.role, user.account_id.as_deref());
+    let refresh = auth::random_secret();
+    let now = now_ms();
+    let family = family.unwrap_or_else(|| store::new_id("fam_"));
+    state.store.insert_refresh_token(&NewRefreshToken {
+        id: &store::new_id("rt_"),
+        user_id: &user.id,
+        family_id: &family,
+        token_hash: &auth::sha256_hex(&refresh),
+        issued_at: now,
+        expires_at: now + state.settings.auth.refresh_ttl_s as i64 * 1000,
+    })?;
+    Ok(json!({
+        "access_token": access,
+        "refresh_token": refresh,
+        "token_type": "Bearer",
+        "expires_in": state.keys.access_ttl_s(),
+        "user": { "id": user.id, "email": user.email, "role": user.role, "account_id": user.account_id },
+    }))
+}
+
+pub async fn login(
+    state: Data,
+    req: HttpRequest,
+    body: web::Json<Login>,
+) -> Result<HttpResponse, ApiError> {
+    let Login { email, password } = body.into_inner();
+    if email.len() > 320 || password.len() > 1024 {
+        return Err(ApiError::unprocessable(
+            "invalid_fields",
+            "email or password too long",
+        ));
+    }
+    let st = state.clone();
+    let result = web::block(move || -> Result<Result<Value, store::User>, ApiError> {
+        let invalid = || ApiError::unauthorized("invalid_credentials", "wrong email or password");
+        match st.store.find_user_by_email(&email)? {
+            Some(u) if auth::verify_password(&password, &u.password_hash) => {
+                if u.disabled {
+                    return Err(invalid());
+                }
+                Ok(Ok(issue_pair(&st, &u, None)?))
+            }
+            Some(u) => Ok(Err(u)),
+            None => {
+                // Same cost as a real check, so timing does not reveal which emails exist.
+                let _ = auth::verify_password(&password, dummy_hash());
+                Err(invalid())
+            }
+        }
+    })
+    .await??;
+    match result {
+        Ok(pair) => {
+            let uid = pair["user"]["id"].as_str().unwrap_or_default().to_string();
+            let acc = pair["user"]["account_id"].as_str().map(String::from);
+            audit(
+                &state,
+                acc.as_deref(),
+                Some(&uid),
+                "login",
+                None,
+                client_ip(&req),
+            );
+            Ok(HttpResponse::Ok().json(pair))
+        }
+        Err(u) => {
+            audit(
+                &state,
+                u.account_id.as_deref(),
+                Some(&u.id),
+                "login_failed",
+                None,
+                client_ip(&req),
+            );
+            Err(ApiError::unauthorized(
+                "invalid_credentials",
+                "wrong email or password",
+            ))
+        }
+    }
+}
+
+/// A real argon2 hash of a random string, to spend the same time on unknown emails.
+fn dummy_hash() -> &'static str {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| auth::hash_password(&auth::random_secret()).unwrap_or_default())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshBody {
+    refresh_token: String,
+}
+
+pub async fn refresh(
+    state: Data,
+    req: HttpRequest,
+    body: web::Json<RefreshBody>,
+) -> Result<HttpResponse, ApiError> {
+    let token = body.into_inner().refresh_token;
+    let st = state.clone();
+    let ip = client_ip(&req);
+    let out = web::block(move || -> Result<Value, ApiError> {
+        let invalid = || {
+            ApiError::unauthorized(
+                "invalid_refresh_token",
+                "refresh token is invalid or expired",
+            )
+        };
+        let rt = st
+            .store
+            .find_refresh_token(&auth::sha256_hex(&token))?
+            .ok_or_else(invalid)?;
+        let now = now_ms();
+        if rt.revoked_at.is_some() || rt.expires_at <= now {
+            return Err(invalid());
+        }
+        if rt.spent_at.is_some() || !st.store.spend_refresh_token(&rt.id, now)? {
+            // A spent token used again: someone holds a copy. Revoke the whole family.
+            st.store.revoke_family(&rt.family_id, now)?;
+            let _ = st.store.append_audit(&NewAuditLog {
+                at: now,
+                account_id: None,
+                actor: Some(&rt.user_id),
+                action: "refresh_token_reuse",
+                target: Some(&rt.family_id),
+                ip: ip.as_deref(),
+                detail: "{}",
+            });
+            return Err(invalid());
+        }
+        let user = st.store.get_user(&rt.user_id)?;
+        if user.disabled {
+            return Err(invalid());
+        }
+        issue_pair(&st, &user, Some(rt.family_id))
+    })
+    .await??;
+    Ok(HttpResponse::Ok().json(out))
+}
+
+pub async fn logout(
+    state: Data,
+    caller: Caller,
+    req: HttpRequest,
+    body: web::Json<RefreshBody>,
+) -> Result<HttpResponse, ApiError> {
+    let token = body.into_inner().refresh_token;
+    let st = state.clone();
+    let uid = caller.0.sub.clone();
+    web::block(move || -> Result<(), ApiError> {
+        if let Some(rt) = st.store.find_refresh_token(&auth::sha256_hex(&token))? {
+            if rt.user_id == uid {
+                st.store.revoke_family(&rt.family_id, now_ms())?;
+            }
+        }
+        Ok(())
+    })
+    .await??;
+    audit(
+        &state,
+        caller.0.acc.as_deref(),
+        Some(&caller.0.sub),
+        "logout",
+        None,
+        client_ip(&req),
+    );
+    Ok(HttpResponse::NoContent().finish())
+}
+
+fn account_json(a: &Account, with_secret: bool) -> Value {
+    let mut v = json!({
+        "id": a.id,
+        "name": a.name,
+        "plan": a.plan_id,
+        "created_at": a.created_at,
+        "updated_at": a.updated_at,
+    });
+    if with_secret {
+        v["signing_secret"] = Value::from(a.signing_secret.clone());
+    }
+    v
+}
+
+pub async fn list_accounts(state: Data, caller: Caller) -> Result<HttpResponse, ApiError> {
+    caller.admin()?;
+    let store = state.store.clone();
+    let accounts = web::block(move || store.list_accounts()).await??;
+    let list: Vec<Value> = accounts.iter().map(|a| account_json(a, false)).collect();
+    Ok(HttpResponse::Ok().json(json!({ "accounts": list })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAccount {
+    name: String,
+    #[serde(default = "default_plan")]
+    plan: String,
+}
+
+fn default_plan() -> String {
+    "free".into()
+}
+
+/// Account names: 1..=100 characters, no control characters.
+fn valid_name(name: &str) -> bool {
+    let n = name.trim();
+    !n.is_empty() && n.chars().count() <= 100 && !n.chars().any(char::is_control)
+}
+
+pub async fn create_account(
+    state: Data,
+    caller: Caller,
+    req: HttpRequest,
+    body: web::Json<CreateAccount>,
+) -> Result<HttpResponse, ApiError> {
+    caller.admin()?;
+    let CreateAccount { name, plan } = body.into_inner();
+    if !valid_name(&name) {
+        return Err(ApiError::unprocessable(
+            "invalid_name",
+            "name must be 1 to 100 characters without control characters",
+        ));
+    }
+    let store = state.store.clone();
+    let secret = auth::random_secret();
+    let id = store::new_id("acc_");
+    let now = now_ms();
+    let created = {
+        let (id, secret, plan, name) = (
+            id.clone(),
+            secret.clone(),
+            plan.clone(),
+            name.trim().to_string(),
+        );
+        web::block(move || {
+            store.get_plan(&plan)?;
+            store.create_account(&NewAccount {
+                id: &id,
+                name: &name,
+                plan_id: &plan,
+                signing_secret: &secret,
+                settings: "{}",
+                created_at: now,
+                updated_at: now,
+            })
+        })
+        .await?
+    };
+    let account = match created {
+        Ok(a) => a,
+        Err(store::StoreError::NotFound) => {
+            return Err(ApiError::unprocessable(
+                "unknown_plan",
+                format!("no plan named '{plan}'"),
+            ))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    state
+        .keyring
+        .put(&account.id, crate::app::account_keys(&account));
+    audit(
+        &state,
+        Some(&account.id),
+        Some(&caller.0.sub),
+        "account_created",
+        Some(&account.id),
+        client_ip(&req),
+    );
+    Ok(HttpResponse::Created().json(account_json(&account, true)))
+}
+
+pub async fn get_account(
+    state: Data,
+    caller: Caller,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = path.into_inner();
+    caller.read(&id)?;
+    let store = state.store.clone();
+    let found = web::block(move || store.get_account(&id)).await?;
+    match found {
+        Ok(a) => Ok(HttpResponse::Ok().json(account_json(&a, false))),
+        Err(store::StoreError::NotFound) => Err(ApiError::not_found("account")),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The account must exist (else 404) and the caller may read it.
+async fn readable_account(state: &Data, caller: &Caller, id: &str) -> Result<(), ApiError> {
+    caller.read(id)?;
+    if state.keyring.get(id).is_some() || state.load_account_keys(id).await?.is_some() {
+        Ok(())
+    } else {
+        Err(ApiError::not_found("account"))
+    }
+}
+
+pub async fn account_presence(
+    state: Data,
+    caller: Caller,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = path.into_inner();
+    readable_account(&state, &caller, &id).await?;
+    let addr = state
+        .registry
+        .send(ResolveAccount { account: id.into() })
+        .await
+        .map_err(|_| ApiError::unavailable("registry unavailable"))?
+        .map_err(|_| ApiError::unavailable("shutting down"))?;
+    let v = addr
+        .send(AccountHereNow)
+        .await
+        .map_err(|_| ApiError::unavailable("account actor restarting"))?;
+    Ok(HttpResponse::Ok().json(v))
+}
+
+pub async fn list_rooms(
+    state: Data,
+    caller: Caller,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = path.into_inner();
+    readable_account(&state, &caller, &id).await?;
+    let rooms = state
+        .registry
+        .send(ListRooms {
+            account: id.clone().into(),
+        })
+        .await
+        .map_err(|_| ApiError::unavailable("registry unavailable"))?;
+    let mut out = Vec::with_capacity(rooms.len());
+    for (name, addr) in rooms {
+        if let Ok((users, sessions)) = addr.send(Occupancy).await {
+            out.push(json!({ "room": &*name, "users": users, "sessions": sessions }));
+        }
+    }
+    let counts = match state
+        .registry
+        .send(ResolveAccount {
+            account: id.clone().into(),
+        })
+        .await
+    {
+        Ok(Ok(a)) => a.send(Counts).await.ok(),
+        _ => None,
+    };
+    Ok(HttpResponse::Ok().json(json!({ "account": id, "rooms": out, "totals": counts })))
+}
+
+#[derive(Deserialize)]
+pub struct PageQuery {
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+pub async fn room_presence(
+    state: Data,
+    caller: Caller,
+    path: web::Path<(String, String)>,
+    q: web::Query<PageQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let (id, room) = path.into_inner();
+    readable_account(&state, &caller, &id).await?;
+    if !protocol::valid_room_name(&room, state.engine.limits.max_room_name_len) {
+        return Err(ApiError::bad_request(
+            "invalid_room_name",
+            "room names are [A-Za-z0-9_.:@~-]",
+        ));
+    }
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::bad_request(
+            "invalid_limit",
+            "limit must be 1 to 1000",
+        ));
+    }
+    let addr = state
+        .registry
+        .send(LookupRoom {
+            account: id.into(),
+            room: Arc::from(room.as_str()),
+        })
+        .await
+        .map_err(|_| ApiError::unavailable("registry unavailable"))?;
+    let page = match addr {
+        Some(a) => a
+            .send(HereNow {
+                after: q.cursor.clone(),
+                limit,
+            })
+            .await
+            .map_err(|_| ApiError::unavailable("room restarting"))?,
+        None => presence_actors::messages::HereNowPage {
+            room: room.clone(),
+            users: 0,
+            sessions: 0,
+            presences: json!({}),
+            next_cursor: None,
+        },
+    };
+    Ok(HttpResponse::Ok().json(page))
+}
+
+pub async fn user_presence(
+    state: Data,
+    caller: Caller,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let (id, user) = path.into_inner();
+    readable_account(&state, &caller, &id).await?;
+    if !protocol::valid_user_id(&user, state.engine.limits.max_user_id_len) {
+        return Err(ApiError::bad_request(
+            "invalid_user_id",
+            "user ids are [A-Za-z0-9_.:@+-]",
+        ));
+    }
+    let addr = state
+        .registry
+        .send(ResolveAccount {
+            account: id.clone().into(),
+        })
+        .await
+        .map_err(|_| ApiError::unavailable("registry unavailable"))?
+        .map_err(|_| ApiError::unavailable("shutting down"))?;
+    let mut v = addr
+        .send(WhereNow { user: user.clone() })
+        .await
+        .map_err(|_| ApiError::unavailable("account actor restarting"))?;
+    let store = state.store.clone();
+    let last_seen = web::block(move || store.last_seen(&id, &user))
+        .await?
+        .ok()
+        .flatten();
+    let online = v["online"].as_bool().unwrap_or(false);
+    v["last_seen"] = if online {
+        Value::from(now_ms())
+    } else {
+        json!(last_seen)
+    };
+    Ok(HttpResponse::Ok().json(v))
+}
+
+pub async fn kick_session(
+    state: Data,
+    caller: Caller,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let (id, session) = path.into_inner();
+    caller.manage(&id)?;
+    let sid = SessionId::parse(&session).ok_or_else(|| ApiError::not_found("session"))?;
+    let kicked = state
+        .registry
+        .send(KickSession {
+            account: id.clone().into(),
+            session: sid,
+        })
+        .await
+        .map_err(|_| ApiError::unavailable("registry unavailable"))?;
+    if !kicked {
+        return Err(ApiError::not_found("session"));
+    }
+    audit(
+        &state,
+        Some(&id),
+        Some(&caller.0.sub),
+        "session_kicked",
+        Some(&session),
+        client_ip(&req),
+    );
+    Ok(HttpResponse::build(StatusCode::ACCEPTED).json(json!({ "kicked": session })))
+}

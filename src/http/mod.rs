@@ -1,0 +1,176 @@
+//! HTTP: the admin API under `/api/v1`, ops endpoints, and the WebSocket upgrade, all routed into
+//! the actor tree through the shared `AppState`.
+
+pub mod api;
+pub mod error;
+pub mod socket;
+
+use std::sync::Arc;
+
+use actix::Addr;
+use actix_web::dev::Payload;
+use actix_web::{web, FromRequest, HttpRequest};
+use futures_util::future::{ready, Ready};
+
+use presence_actors::presence::IdGen;
+use presence_actors::registry::Registry;
+use presence_actors::{EngineConfig, Metrics};
+
+use crate::auth::{AccessClaims, AccountKeys, KeyRing, ServerKeys};
+use crate::config::Settings;
+use crate::store::Store;
+use error::ApiError;
+
+/// Largest JSON body the API accepts.
+const MAX_JSON_BODY: usize = 64 * 1024;
+
+/// What every handler may reach. Cheap to clone: everything is shared.
+pub struct AppState {
+    pub registry: Addr<Registry>,
+    pub store: Store,
+    pub keys: ServerKeys,
+    pub keyring: KeyRing,
+    pub ids: Arc<IdGen>,
+    pub engine: Arc<EngineConfig>,
+    pub settings: Arc<Settings>,
+    pub metrics: Metrics,
+    pub prometheus: prometheus::Registry,
+    pub node: String,
+}
+
+impl AppState {
+    /// Reads an account's signing keys from the database (off the worker thread) and caches them.
+    pub async fn load_account_keys(&self, account: &str) -> Result<Option<AccountKeys>, ApiError> {
+        let store = self.store.clone();
+        let id = account.to_string();
+        let found = web::block(move || store.get_account(&id)).await?;
+        match found {
+            Ok(a) => {
+                let keys = crate::app::account_keys(&a);
+                self.keyring.put(account, keys.clone());
+                Ok(Some(keys))
+            }
+            Err(crate::store::StoreError::NotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// The authenticated caller of the admin API (a server access token in `Authorization`).
+#[derive(Debug, Clone)]
+pub struct Caller(pub AccessClaims);
+
+impl Caller {
+    pub fn is_admin(&self) -> bool {
+        self.0.role == "admin"
+    }
+
+    /// May read `account`? Another account's resources are 404, never 403, so their existence
+    /// does not leak.
+    pub fn read(&self, account: &str) -> Result<(), ApiError> {
+        if self.is_admin() || self.0.acc.as_deref() == Some(account) {
+            Ok(())
+        } else {
+            Err(ApiError::not_found("account"))
+        }
+    }
+
+    /// May manage `account` (owner or admin)?
+    pub fn manage(&self, account: &str) -> Result<(), ApiError> {
+        self.read(account)?;
+        if self.is_admin() || self.0.role == "owner" {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(
+                "forbidden",
+                "this needs the owner role",
+            ))
+        }
+    }
+
+    pub fn admin(&self) -> Result<(), ApiError> {
+        if self.is_admin() {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(
+                "forbidden",
+                "this needs the admin role",
+            ))
+        }
+    }
+}
+
+impl FromRequest for Caller {
+    type Error = ApiError;
+    type Future = Ready<Result<Caller, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let Some(state) = req.app_data::<web::Data<AppState>>() else {
+            return ready(Err(ApiError::internal()));
+        };
+        let token = req
+            .headers()
+            .get("authorization")
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| {
+                h.strip_prefix("Bearer ")
+                    .or_else(|| h.strip_prefix("bearer "))
+            });
+        ready(match token {
+            None => Err(ApiError::unauthorized(
+                "missing_token",
+                "send Authorization: Bearer <access token>",
+            )),
+            Some(t) => state
+                .keys
+                .verify_access(t.trim())
+                .map(Caller)
+                .map_err(ApiError::from_token),
+        })
+    }
+}
+
+/// Every route of the server.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.app_data(
+        web::JsonConfig::default()
+            .limit(MAX_JSON_BODY)
+            .error_handler(error::json_error),
+    )
+    .app_data(web::QueryConfig::default().error_handler(error::query_error))
+    .app_data(web::PathConfig::default().error_handler(error::path_error))
+    .route("/", web::get().to(api::index))
+    .route("/healthz", web::get().to(api::healthz))
+    .route("/readyz", web::get().to(api::readyz))
+    .route("/metrics", web::get().to(api::metrics))
+    .route("/socket/websocket", web::get().to(socket::upgrade))
+    .service(
+        web::scope("/api/v1")
+            .route("/realtime/websocket", web::get().to(socket::upgrade))
+            .route("/auth/login", web::post().to(api::login))
+            .route("/auth/refresh", web::post().to(api::refresh))
+            .route("/auth/logout", web::post().to(api::logout))
+            .route("/accounts", web::get().to(api::list_accounts))
+            .route("/accounts", web::post().to(api::create_account))
+            .route("/accounts/{id}", web::get().to(api::get_account))
+            .route(
+                "/accounts/{id}/presence",
+                web::get().to(api::account_presence),
+            )
+            .route("/accounts/{id}/rooms", web::get().to(api::list_rooms))
+            .route(
+                "/accounts/{id}/rooms/{room}/presence",
+                web::get().to(api::room_presence),
+            )
+            .route(
+                "/accounts/{id}/users/{user}/presence",
+                web::get().to(api::user_presence),
+            )
+            .route(
+                "/accounts/{id}/sessions/{session}",
+                web::delete().to(api::kick_session),
+            )
+            .default_service(web::to(api::not_found)),
+    )
+    .default_service(web::to(api::not_found));
+}

@@ -1,0 +1,932 @@
+//! The WebSocket transport: the upgrade (authentication before anything is joined) and the
+//! `SessionActor`, one per connection, which speaks the Phoenix Channels V2 protocol and drives
+//! the actor tree. This is the only file that knows actix-web-actors, so a move to actix-ws
+//! touches nothing else.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web_actors::ws;
+use bytestring::ByteString;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use presence_actors::account::{
+    AccountActor, Connect, ConnectionStatus, RoomsChanged, Subscribe, Unsubscribe,
+};
+use presence_actors::messages::{
+    AccountMembership, Broadcast, Join, Leave, Report, ReportMembership, RoomMembership, SetStatus,
+    ToSession,
+};
+use presence_actors::presence::{Arrival, Departure, Key, Meta, SessionId};
+use presence_actors::protocol::{self, InFrame, Reason};
+use presence_actors::registry::{RegisterSession, Registry, ResolveRoom, UnregisterSession};
+use presence_actors::room::RoomActor;
+use presence_actors::{now_ms, EngineConfig, Metrics};
+
+use crate::auth::{self, KeyNeed, Principal, TokenError};
+use crate::config::MAX_FRAME_HARD_CAP;
+use crate::http::error::ApiError;
+use crate::http::AppState;
+
+/// How often a session checks its heartbeat deadline, as a fraction of the timeout.
+const HEARTBEAT_CHECKS_PER_TIMEOUT: u32 = 4;
+/// Window over which error replies are counted for abuse.
+const ERROR_WINDOW: Duration = Duration::from_secs(60);
+/// Reserved event names a client may not broadcast.
+const RESERVED_EVENT_PREFIXES: [&str; 2] = ["phx_", "presence_"];
+
+#[derive(Deserialize)]
+pub struct SocketQuery {
+    token: Option<String>,
+    vsn: Option<String>,
+    device: Option<String>,
+}
+
+/// `GET /socket/websocket?vsn=2.0.0`: authenticate, then upgrade. A bad token is refused here,
+/// with a JSON error, and nothing is joined.
+pub async fn upgrade(
+    req: HttpRequest,
+    stream: web::Payload,
+    state: web::Data<AppState>,
+    query: web::Query<SocketQuery>,
+) -> Result<HttpResponse, ApiError> {
+    if let Some(v) = &query.vsn {
+        if !v.starts_with("2.") {
+            return Err(ApiError::bad_request(
+                "unsupported_version",
+                "this server speaks the Phoenix Channels V2 protocol (vsn=2.0.0)",
+            ));
+        }
+    }
+    let token = match &query.token {
+        Some(t) => Some(t.clone()),
+        None => req
+            .headers()
+            .get("sec-websocket-protocol")
+            .and_then(|h| h.to_str().ok())
+            .and_then(auth::token_from_subprotocols),
+    };
+    let token = token.ok_or_else(|| ApiError::from_token(TokenError::Missing))?;
+    let principal = authenticate(&state, &token).await?;
+    let limits = &state.engine.limits;
+    let (account, user, name, token_meta) = match &principal {
+        Principal::User(c) => {
+            if !protocol::valid_user_id(&c.sub, limits.max_user_id_len) {
+                return Err(ApiError::forbidden(
+                    "invalid_user_id",
+                    "the token's sub is not a valid user id",
+                ));
+            }
+            (c.acc.clone(), c.sub.clone(), c.name.clone(), c.meta.clone())
+        }
+        Principal::Staff(c) => (c.acc.clone().unwrap_or_default(), c.sub.clone(), None, None),
+    };
+    let mut fields = token_meta.unwrap_or_default();
+    if serde_json::to_string(&fields).map(|s| s.len()).unwrap_or(0) > limits.max_meta_bytes {
+        return Err(ApiError::forbidden(
+            "meta_too_large",
+            "the token's meta is too large",
+        ));
+    }
+    if let Some(n) = name {
+        fields.insert("name".into(), Value::from(n));
+    }
+    let device = query
+        .device
+        .clone()
+        .filter(|d| !d.is_empty() && d.len() <= 64)
+        .or_else(|| {
+            fields
+                .get("device")
+                .and_then(Value::as_str)
+                .map(String::from)
+        })
+        .map(Arc::<str>::from);
+    let session = SessionActor {
+        id: state.ids.next_session(),
+        staff: matches!(principal, Principal::Staff(_)),
+        principal,
+        account: account.into(),
+        user: user.into(),
+        base_fields: Arc::new(fields),
+        device,
+        online_at: now_ms(),
+        registry: state.registry.clone(),
+        account_addr: None,
+        connection_meta: None,
+        channels: HashMap::new(),
+        hb: Instant::now(),
+        cfg: state.engine.clone(),
+        metrics: state.metrics.clone(),
+        errors: (Instant::now(), 0),
+        inflight: 0,
+        departure_now: false,
+    };
+    ws::WsResponseBuilder::new(session, &req, stream)
+        .frame_size(MAX_FRAME_HARD_CAP)
+        .protocols(&["phoenix"])
+        .start()
+        .map_err(|e| ApiError::bad_request("websocket_handshake", &e.to_string()))
+}
+
+async fn authenticate(state: &web::Data<AppState>, token: &str) -> Result<Principal, ApiError> {
+    match auth::key_need(token).map_err(ApiError::from_token)? {
+        KeyNeed::Server => state
+            .keys
+            .verify_access(token)
+            .map(Principal::Staff)
+            .map_err(ApiError::from_token),
+        KeyNeed::Account(acc) => {
+            let keys = match state.keyring.get(&acc) {
+                Some(k) => k,
+                None => state
+                    .load_account_keys(&acc)
+                    .await?
+                    .ok_or_else(|| ApiError::from_token(TokenError::UnknownAccount))?,
+            };
+            let claims = auth::verify_user(token, &keys).map_err(ApiError::from_token)?;
+            if claims.acc != acc {
+                return Err(ApiError::from_token(TokenError::Claims));
+            }
+            Ok(Principal::User(claims))
+        }
+    }
+}
+
+/// One joined (or joining) topic of a socket.
+struct Channel {
+    join_ref: Value,
+    kind: ChannelKind,
+    /// Frames that arrived for this topic before its join reply was written.
+    pending: Option<Vec<ByteString>>,
+}
+
+enum ChannelKind {
+    Room {
+        name: Arc<str>,
+        addr: Option<Addr<RoomActor>>,
+        /// This session's meta in the room, exactly as the room holds it.
+        meta: Option<Meta>,
+    },
+    Account,
+}
+
+pub struct SessionActor {
+    id: SessionId,
+    principal: Principal,
+    /// Dashboard users and admins follow accounts; they are not presences themselves.
+    staff: bool,
+    account: Arc<str>,
+    user: Key,
+    /// Token `meta` plus `name`: the base of every meta this session shows.
+    base_fields: Arc<Map<String, Value>>,
+    device: Option<Arc<str>>,
+    online_at: i64,
+    registry: Addr<Registry>,
+    account_addr: Option<Addr<AccountActor>>,
+    /// The connection's meta in the account's presence (end users only).
+    connection_meta: Option<Meta>,
+    channels: HashMap<String, Channel>,
+    /// Last frame from the client.
+    hb: Instant,
+    cfg: Arc<EngineConfig>,
+    metrics: Metrics,
+    /// Start of the current error window and the errors in it.
+    errors: (Instant, u32),
+    /// Pushes awaiting an actor's answer.
+    inflight: usize,
+    /// Kicked sessions leave at once; dropped ones leave after the grace window.
+    departure_now: bool,
+}
+
+type Ctx = ws::WebsocketContext<SessionActor>;
+
+impl SessionActor {
+    fn addr_recipient(ctx: &Ctx) -> Recipient<ToSession> {
+        ctx.address().recipient()
+    }
+
+    /// Sends an error reply and counts it; persistent abuse closes the socket.
+    fn error(
+        &mut self,
+        ctx: &mut Ctx,
+        join_ref: &Value,
+        msg_ref: &Value,
+        topic: &str,
+        reason: Reason,
+    ) {
+        self.metrics
+            .ws_errors
+            .with_label_values(&[reason.as_str()])
+            .inc();
+        ctx.text(protocol::reply_error(join_ref, msg_ref, topic, reason));
+        let now = Instant::now();
+        if now.duration_since(self.errors.0) > ERROR_WINDOW {
+            self.errors = (now, 0);
+        }
+        self.errors.1 += 1;
+        if self.errors.1 > self.cfg.limits.max_errors_per_minute {
+            self.close(ctx, Reason::TooManyErrors);
+        }
+    }
+
+    fn close(&mut self, ctx: &mut Ctx, reason: Reason) {
+        let code = match reason {
+            Reason::ServerShutdown => ws::CloseCode::Away,
+            Reason::Kicked | Reason::TooManyErrors => ws::CloseCode::Policy,
+            Reason::SlowConsumer => ws::CloseCode::Again,
+            Reason::FrameTooLarge => ws::CloseCode::Size,
+            _ => ws::CloseCode::Normal,
+        };
+        if reason == Reason::Kicked {
+            self.departure_now = true;
+            // phoenix.js closes a channel for good on phx_close, so a kicked client does not
+            // silently rejoin.
+            let reasons = json!({ "reason": reason.as_str() });
+            for (topic, ch) in &self.channels {
+                ctx.text(protocol::encode(
+                    &ch.join_ref,
+                    &Value::Null,
+                    topic,
+                    "phx_close",
+                    &reasons,
+                ));
+            }
+        }
+        ctx.close(Some(ws::CloseReason {
+            code,
+            description: Some(reason.as_str().into()),
+        }));
+        ctx.stop();
+    }
+
+    fn rooms(&self) -> Vec<Arc<str>> {
+        let mut rooms: Vec<Arc<str>> = self
+            .channels
+            .values()
+            .filter_map(|c| match &c.kind {
+                ChannelKind::Room {
+                    name,
+                    meta: Some(_),
+                    ..
+                } => Some(name.clone()),
+                _ => None,
+            })
+            .collect();
+        rooms.sort();
+        rooms
+    }
+
+    fn rooms_changed(&self) {
+        if let (Some(acc), false) = (&self.account_addr, self.staff) {
+            acc.do_send(RoomsChanged {
+                session: self.id,
+                rooms: self.rooms(),
+            });
+        }
+    }
+
+    fn handle_frame(&mut self, f: InFrame, ctx: &mut Ctx) {
+        match (f.topic.as_str(), f.event.as_str()) {
+            ("phoenix", "heartbeat") => {
+                ctx.text(protocol::reply_ok(
+                    &f.join_ref,
+                    &f.msg_ref,
+                    "phoenix",
+                    &json!({}),
+                ));
+            }
+            (_, "phx_join") => self.join(f, ctx),
+            (_, "phx_leave") => self.leave(f, ctx),
+            _ if !self.channels.contains_key(&f.topic) => {
+                self.error(ctx, &f.join_ref, &f.msg_ref, &f.topic, Reason::NotJoined)
+            }
+            (_, "status") => self.set_status(f, ctx),
+            (_, "broadcast") => self.broadcast(f, ctx),
+            _ => self.error(ctx, &f.join_ref, &f.msg_ref, &f.topic, Reason::UnknownEvent),
+        }
+    }
+
+    fn join(&mut self, f: InFrame, ctx: &mut Ctx) {
+        let topic = f.topic.clone();
+        let reply_err = |act: &mut Self, ctx: &mut Ctx, r: Reason| {
+            act.error(ctx, &f.join_ref, &f.msg_ref, &topic, r)
+        };
+        let rejoin = self.channels.contains_key(&topic);
+        if !rejoin && self.channels.len() >= self.cfg.limits.max_joins_per_socket {
+            return reply_err(self, ctx, Reason::TooManyJoins);
+        }
+        if let Some(id) = topic.strip_prefix("account:") {
+            if !self.may_follow(id) {
+                return reply_err(self, ctx, Reason::Unauthorized);
+            }
+            return self.follow_account(f, ctx);
+        }
+        let Some(name) = topic.strip_prefix("room:") else {
+            return reply_err(self, ctx, Reason::UnknownTopic);
+        };
+        if self.staff {
+            return reply_err(self, ctx, Reason::Unauthorized);
+        }
+        if !protocol::valid_room_name(name, self.cfg.limits.max_room_name_len) {
+            return reply_err(self, ctx, Reason::InvalidRoomName);
+        }
+        let (status, join_fields) = match self.parse_presence_payload(&f.payload, true) {
+            Ok(v) => v,
+            Err(r) => return reply_err(self, ctx, r),
+        };
+        let device = join_fields
+            .as_ref()
+            .and_then(|m| m.get("device"))
+            .and_then(Value::as_str)
+            .map(Arc::<str>::from)
+            .or_else(|| self.device.clone());
+        let fields = self.merged_fields(join_fields.as_ref());
+        let name: Arc<str> = name.into();
+        let arrival = Arrival {
+            session: self.id,
+            status: status.unwrap_or_else(|| "online".into()),
+            online_at: self.online_at,
+            device,
+            fields,
+        };
+        if let Some(old) = self.channels.get(&topic) {
+            if old.join_ref != f.join_ref {
+                // A duplicate join replaces the old channel, as Phoenix does.
+                ctx.text(protocol::encode(
+                    &old.join_ref,
+                    &Value::Null,
+                    &topic,
+                    "phx_close",
+                    &json!({}),
+                ));
+            }
+        }
+        self.channels.insert(
+            topic.clone(),
+            Channel {
+                join_ref: f.join_ref.clone(),
+                kind: ChannelKind::Room {
+                    name: name.clone(),
+                    addr: None,
+                    meta: None,
+                },
+                pending: Some(Vec::new()),
+            },
+        );
+        let join = Join {
+            user: self.user.clone(),
+            arrival: arrival.clone(),
+            to: Self::addr_recipient(ctx),
+        };
+        let registry = self.registry.clone();
+        let account = self.account.clone();
+        let fut = async move {
+            // A room may stop (idle) or die between resolve and join: resolve again.
+            for _ in 0..3 {
+                let addr = match registry
+                    .send(ResolveRoom {
+                        account: account.clone(),
+                        room: name.clone(),
+                    })
+                    .await
+                {
+                    Ok(Ok(a)) => a,
+                    Ok(Err(r)) => return Err(r),
+                    Err(_) => return Err(Reason::Unavailable),
+                };
+                let j = Join {
+                    user: join.user.clone(),
+                    arrival: join.arrival.clone(),
+                    to: join.to.clone(),
+                };
+                match addr.send(j).await {
+                    Ok(res) => return res.map(|joined| (addr, joined)),
+                    Err(_) => continue,
+                }
+            }
+            Err(Reason::Unavailable)
+        };
+        let join_ref = f.join_ref;
+        let msg_ref = f.msg_ref;
+        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
+            let current = act.channels.get(&topic).map(|c| c.join_ref == join_ref);
+            match (res, current) {
+                (Ok((addr, joined)), Some(true)) => {
+                    ctx.text(protocol::reply_ok(&join_ref, &msg_ref, &topic, &json!({})));
+                    ctx.text(joined.state);
+                    if let Some(ch) = act.channels.get_mut(&topic) {
+                        for frame in ch.pending.take().unwrap_or_default() {
+                            ctx.text(frame);
+                        }
+                        if let ChannelKind::Room { addr: a, meta, .. } = &mut ch.kind {
+                            *a = Some(addr);
+                            *meta = Some(Meta {
+                                phx_ref: joined.phx_ref,
+                                phx_ref_prev: None,
+                                session: arrival.session,
+                                status: arrival.status,
+                                online_at: arrival.online_at,
+                                device: arrival.device,
+                                fields: arrival.fields,
+                            });
+                        }
+                    }
+                    act.rooms_changed();
+                }
+                (Ok((addr, _)), _) => {
+                    // Left (or re-joined) while the join was in flight: undo it in the room.
+                    addr.do_send(Leave {
+                        user: act.user.clone(),
+                        session: act.id,
+                        how: Departure::Now,
+                    });
+                }
+                (Err(r), Some(true)) => {
+                    act.channels.remove(&topic);
+                    act.error(ctx, &join_ref, &msg_ref, &topic, r);
+                }
+                (Err(_), _) => {}
+            }
+        }));
+    }
+
+    fn may_follow(&self, account: &str) -> bool {
+        match &self.principal {
+            Principal::Staff(c) => c.role == "admin" || c.acc.as_deref() == Some(account),
+            Principal::User(_) => false,
+        }
+    }
+
+    fn follow_account(&mut self, f: InFrame, ctx: &mut Ctx) {
+        let topic = f.topic.clone();
+        let id: Arc<str> = topic.trim_start_matches("account:").into();
+        self.channels.insert(
+            topic.clone(),
+            Channel {
+                join_ref: f.join_ref.clone(),
+                kind: ChannelKind::Account,
+                pending: Some(Vec::new()),
+            },
+        );
+        let registry = self.registry.clone();
+        let sub = Subscribe {
+            session: self.id,
+            user: self.user.clone(),
+            to: Self::addr_recipient(ctx),
+        };
+        let fut = async move {
+            let addr = registry
+                .send(presence_actors::registry::ResolveAccount { account: id })
+                .await
+                .map_err(|_| Reason::Unavailable)??;
+            let state = addr.send(sub).await.map_err(|_| Reason::Unavailable)??;
+            Ok::<_, Reason>((addr, state))
+        };
+        let (join_ref, msg_ref) = (f.join_ref, f.msg_ref);
+        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
+            let current = act.channels.get(&topic).map(|c| c.join_ref == join_ref);
+            match (res, current) {
+                (Ok((addr, state)), Some(true)) => {
+                    ctx.text(protocol::reply_ok(&join_ref, &msg_ref, &topic, &json!({})));
+                    ctx.text(state);
+                    if let Some(ch) = act.channels.get_mut(&topic) {
+                        for frame in ch.pending.take().unwrap_or_default() {
+                            ctx.text(frame);
+                        }
+                    }
+                    if act.staff && act.account_addr.is_none() {
+                        act.account_addr = Some(addr);
+                    }
+                }
+                (Ok((addr, _)), _) => addr.do_send(Unsubscribe { session: act.id }),
+                (Err(r), Some(true)) => {
+                    act.channels.remove(&topic);
+                    act.error(ctx, &join_ref, &msg_ref, &topic, r);
+                }
+                (Err(_), _) => {}
+            }
+        }));
+    }
+
+    /// `{status?, meta?}` → a valid status and meta, or the reason they are refused.
+    fn parse_presence_payload(
+        &self,
+        payload: &Value,
+        optional: bool,
+    ) -> Result<(Option<Arc<str>>, Option<Map<String, Value>>), Reason> {
+        let obj = match payload {
+            Value::Object(o) => o.clone(),
+            Value::Null if optional => Map::new(),
+            _ => return Err(Reason::InvalidPayload),
+        };
+        let status = match obj.get("status") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if protocol::valid_status(s) => {
+                Some(Arc::<str>::from(s.as_str()))
+            }
+            Some(_) => return Err(Reason::InvalidStatus),
+        };
+        let meta = match obj.get("meta") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(m)) => {
+                let size = serde_json::to_string(m)
+                    .map(|s| s.len())
+                    .unwrap_or(usize::MAX);
+                if size > self.cfg.limits.max_meta_bytes {
+                    return Err(Reason::MetaTooLarge);
+                }
+                Some(m.clone())
+            }
+            Some(_) => return Err(Reason::InvalidPayload),
+        };
+        if !optional && status.is_none() && meta.is_none() {
+            return Err(Reason::InvalidPayload);
+        }
+        Ok((status, meta))
+    }
+
+    fn merged_fields(&self, extra: Option<&Map<String, Value>>) -> Arc<Map<String, Value>> {
+        match extra {
+            None => self.base_fields.clone(),
+            Some(m) => {
+                let mut f = (*self.base_fields).clone();
+                for (k, v) in m {
+                    f.insert(k.clone(), v.clone());
+                }
+                Arc::new(f)
+            }
+        }
+    }
+
+    fn room_of(&self, topic: &str) -> Option<(Addr<RoomActor>, Meta)> {
+        match &self.channels.get(topic)?.kind {
+            ChannelKind::Room {
+                addr: Some(a),
+                meta: Some(m),
+                ..
+            } => Some((a.clone(), m.clone())),
+            _ => None,
+        }
+    }
+
+    fn set_status(&mut self, f: InFrame, ctx: &mut Ctx) {
+        let Some((room, meta)) = self.room_of(&f.topic) else {
+            return self.error(ctx, &f.join_ref, &f.msg_ref, &f.topic, Reason::NotJoined);
+        };
+        if self.inflight >= self.cfg.limits.max_inflight {
+            return self.error(ctx, &f.join_ref, &f.msg_ref, &f.topic, Reason::RateLimited);
+        }
+        let (status, extra) = match self.parse_presence_payload(&f.payload, false) {
+            Ok(v) => v,
+            Err(r) => return self.error(ctx, &f.join_ref, &f.msg_ref, &f.topic, r),
+        };
+        let fields = extra.map(|m| {
+            let mut merged = (*meta.fields).clone();
+            for (k, v) in m {
+                merged.insert(k, v);
+            }
+            Arc::new(merged)
+        });
+        self.inflight += 1;
+        let msg = SetStatus {
+            user: self.user.clone(),
+            session: self.id,
+            status: status.clone(),
+            fields: fields.clone(),
+        };
+        let topic = f.topic;
+        let (join_ref, msg_ref) = (f.join_ref, f.msg_ref);
+        ctx.spawn(room.send(msg).into_actor(self).map(move |res, act, ctx| {
+            act.inflight -= 1;
+            match res {
+                Ok(Ok(new_ref)) => {
+                    if let Some(Channel {
+                        kind: ChannelKind::Room { meta: Some(m), .. },
+                        ..
+                    }) = act.channels.get_mut(&topic)
+                    {
+                        m.phx_ref = new_ref;
+                        if let Some(s) = &status {
+                            m.status = s.clone();
+                        }
+                        if let Some(fl) = &fields {
+                            m.fields = fl.clone();
+                        }
+                    }
+                    if let (Some(s), Some(acc)) = (status, &act.account_addr) {
+                        if !act.staff {
+                            acc.do_send(ConnectionStatus {
+                                user: act.user.clone(),
+                                session: act.id,
+                                status: s,
+                            });
+                        }
+                    }
+                    ctx.text(protocol::reply_ok(&join_ref, &msg_ref, &topic, &json!({})));
+                }
+                Ok(Err(r)) => act.error(ctx, &join_ref, &msg_ref, &topic, r),
+                Err(_) => act.error(ctx, &join_ref, &msg_ref, &topic, Reason::Unavailable),
+            }
+        }));
+    }
+
+    fn broadcast(&mut self, f: InFrame, ctx: &mut Ctx) {
+        let Some((room, _)) = self.room_of(&f.topic) else {
+            return self.error(ctx, &f.join_ref, &f.msg_ref, &f.topic, Reason::NotJoined);
+        };
+        if self.inflight >= self.cfg.limits.max_inflight {
+            return self.error(ctx, &f.join_ref, &f.msg_ref, &f.topic, Reason::RateLimited);
+        }
+        let event = f.payload.get("event").and_then(Value::as_str).unwrap_or("");
+        let valid = !event.is_empty()
+            && event.len() <= 64
+            && !RESERVED_EVENT_PREFIXES.iter().any(|p| event.starts_with(p));
+        if !valid {
+            return self.error(
+                ctx,
+                &f.join_ref,
+                &f.msg_ref,
+                &f.topic,
+                Reason::InvalidPayload,
+            );
+        }
+        let msg = Broadcast {
+            from: self.id,
+            event: event.to_string(),
+            payload: f.payload.get("payload").cloned().unwrap_or(Value::Null),
+            include_self: f
+                .payload
+                .get("self")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        };
+        self.inflight += 1;
+        let topic = f.topic;
+        let (join_ref, msg_ref) = (f.join_ref, f.msg_ref);
+        ctx.spawn(room.send(msg).into_actor(self).map(move |res, act, ctx| {
+            act.inflight -= 1;
+            match res {
+                Ok(Ok(())) => ctx.text(protocol::reply_ok(&join_ref, &msg_ref, &topic, &json!({}))),
+                Ok(Err(r)) => act.error(ctx, &join_ref, &msg_ref, &topic, r),
+                Err(_) => act.error(ctx, &join_ref, &msg_ref, &topic, Reason::Unavailable),
+            }
+        }));
+    }
+
+    fn leave(&mut self, f: InFrame, ctx: &mut Ctx) {
+        if let Some(ch) = self.channels.remove(&f.topic) {
+            match ch.kind {
+                ChannelKind::Room { addr: Some(a), .. } => a.do_send(Leave {
+                    user: self.user.clone(),
+                    session: self.id,
+                    how: Departure::Now,
+                }),
+                ChannelKind::Room { addr: None, .. } => {}
+                ChannelKind::Account => {
+                    if let Some(acc) = &self.account_addr {
+                        acc.do_send(Unsubscribe { session: self.id });
+                    }
+                }
+            }
+            self.rooms_changed();
+        }
+        ctx.text(protocol::reply_ok(
+            &f.join_ref,
+            &f.msg_ref,
+            &f.topic,
+            &json!({}),
+        ));
+    }
+}
+
+impl Actor for SessionActor {
+    type Context = Ctx;
+
+    fn started(&mut self, ctx: &mut Ctx) {
+        ctx.set_mailbox_capacity(self.cfg.limits.max_outbound);
+        self.metrics.connections.inc();
+        let every = Duration::from_millis(
+            (self.cfg.timeout_ms / HEARTBEAT_CHECKS_PER_TIMEOUT as u64).max(10),
+        );
+        let timeout = Duration::from_millis(self.cfg.timeout_ms);
+        ctx.run_interval(every, move |act, ctx| {
+            if act.hb.elapsed() > timeout {
+                act.metrics
+                    .ws_errors
+                    .with_label_values(&["heartbeat_timeout"])
+                    .inc();
+                act.close(ctx, Reason::HeartbeatTimeout);
+            }
+        });
+        let me: Recipient<ToSession> = ctx.address().recipient();
+        let register = RegisterSession {
+            session: self.id,
+            account: self.account.clone(),
+            user: self.user.clone(),
+            to: ctx.address().recipient(),
+            report: ctx.address().recipient(),
+        };
+        // Nothing is read from the socket until the session is known to the tree.
+        ctx.wait(
+            self.registry
+                .send(register)
+                .into_actor(self)
+                .then(move |res, act, _| {
+                    let addr = match res {
+                        Ok(Ok(a)) => Some(a),
+                        _ => None,
+                    };
+                    act.account_addr = addr.clone();
+                    let connect = match (&addr, act.staff) {
+                        (Some(a), false) => Some(a.send(Connect {
+                            user: act.user.clone(),
+                            arrival: act.connection_arrival(),
+                            to: me,
+                        })),
+                        _ => None,
+                    };
+                    actix::fut::wrap_future::<_, Self>(async move {
+                        match connect {
+                            Some(c) => c.await.ok(),
+                            None => None,
+                        }
+                    })
+                })
+                .map(|phx_ref, act, ctx| {
+                    if act.account_addr.is_none() {
+                        return act.close(ctx, Reason::ServerShutdown);
+                    }
+                    if let Some(r) = phx_ref {
+                        let a = act.connection_arrival();
+                        act.connection_meta = Some(Meta {
+                            phx_ref: r,
+                            phx_ref_prev: None,
+                            session: a.session,
+                            status: a.status,
+                            online_at: a.online_at,
+                            device: a.device,
+                            fields: a.fields,
+                        });
+                    }
+                }),
+        );
+    }
+
+    fn stopped(&mut self, _: &mut Ctx) {
+        self.metrics.connections.dec();
+        let how = if self.departure_now {
+            Departure::Now
+        } else {
+            Departure::Grace {
+                until: now_ms() + self.cfg.grace_ms as i64,
+            }
+        };
+        for ch in self.channels.values() {
+            if let ChannelKind::Room { addr: Some(a), .. } = &ch.kind {
+                a.do_send(Leave {
+                    user: self.user.clone(),
+                    session: self.id,
+                    how,
+                });
+            }
+        }
+        if let Some(acc) = &self.account_addr {
+            if self.staff {
+                acc.do_send(Unsubscribe { session: self.id });
+            } else {
+                acc.do_send(Leave {
+                    user: self.user.clone(),
+                    session: self.id,
+                    how,
+                });
+            }
+        }
+        self.registry
+            .do_send(UnregisterSession { session: self.id });
+    }
+}
+
+impl SessionActor {
+    fn connection_arrival(&self) -> Arrival {
+        Arrival {
+            session: self.id,
+            status: "online".into(),
+            online_at: self.online_at,
+            device: self.device.clone(),
+            fields: self.base_fields.clone(),
+        }
+    }
+}
+
+impl Handler<ToSession> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ToSession, ctx: &mut Ctx) {
+        match msg {
+            ToSession::Frame { topic, frame } => match self.channels.get_mut(&*topic) {
+                Some(Channel {
+                    pending: Some(buf), ..
+                }) => buf.push(frame),
+                Some(_) => ctx.text(frame),
+                None => {}
+            },
+            ToSession::Evicted { topic, reason } => {
+                log::info!("session {} cut off from {topic}: {reason}", self.id);
+                self.close(ctx, reason);
+            }
+            ToSession::Close { reason } => self.close(ctx, reason),
+        }
+    }
+}
+
+impl Handler<ReportMembership> for SessionActor {
+    type Result = Report;
+
+    fn handle(&mut self, msg: ReportMembership, ctx: &mut Ctx) -> Report {
+        match msg {
+            ReportMembership::Room { room, addr } => {
+                let topic = format!("room:{room}");
+                let Some(ch) = self.channels.get_mut(&topic) else {
+                    return Report::None;
+                };
+                let ChannelKind::Room { addr: a, meta, .. } = &mut ch.kind else {
+                    return Report::None;
+                };
+                match meta {
+                    Some(m) => {
+                        *a = Some(addr);
+                        Report::Room(RoomMembership {
+                            user: self.user.clone(),
+                            meta: m.clone(),
+                            to: ctx.address().recipient(),
+                        })
+                    }
+                    // Still joining: the in-flight join fails over to the new room by itself.
+                    None => Report::None,
+                }
+            }
+            ReportMembership::Account { addr } => {
+                self.account_addr = Some(addr);
+                let follower = self
+                    .channels
+                    .values()
+                    .any(|c| matches!(c.kind, ChannelKind::Account) && c.pending.is_none())
+                    .then(|| self.user.clone());
+                Report::Account(AccountMembership {
+                    session: self.id,
+                    connection: self.connection_meta.clone().map(|m| (self.user.clone(), m)),
+                    rooms: self.rooms(),
+                    follower,
+                    to: ctx.address().recipient(),
+                })
+            }
+        }
+    }
+}
+
+impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for SessionActor {
+    fn handle(&mut self, item: Result<ws::Message, ws::ProtocolError>, ctx: &mut Ctx) {
+        let msg = match item {
+            Ok(m) => m,
+            Err(e) => {
+                let reason = match e {
+                    ws::ProtocolError::Overflow => Reason::FrameTooLarge,
+                    _ => Reason::MalformedFrame,
+                };
+                self.metrics
+                    .ws_errors
+                    .with_label_values(&[reason.as_str()])
+                    .inc();
+                log::debug!("session {}: protocol error {e}", self.id);
+                return self.close(ctx, reason);
+            }
+        };
+        self.hb = Instant::now();
+        match msg {
+            ws::Message::Text(text) => {
+                match protocol::decode(&text, self.cfg.limits.max_frame_bytes) {
+                    Ok(frame) => self.handle_frame(frame, ctx),
+                    Err(e) => self.error(ctx, &e.join_ref, &e.msg_ref, &e.topic, e.reason),
+                }
+            }
+            ws::Message::Binary(_) | ws::Message::Continuation(_) => self.error(
+                ctx,
+                &Value::Null,
+                &Value::Null,
+                "phoenix",
+                Reason::BinaryNotSupported,
+            ),
+            ws::Message::Ping(b) => ctx.pong(&b),
+            ws::Message::Pong(_) | ws::Message::Nop => {}
+            ws::Message::Close(reason) => {
+                ctx.close(reason);
+                ctx.stop();
+            }
+        }
+    }
+}
