@@ -147,6 +147,7 @@ impl Application {
         .backlog(4096)
         .max_connections(50_000)
         .max_connection_rate(2_048)
+        .on_connect(limit_stalled_writes)
         .disable_signals()
         .shutdown_timeout(settings.server.shutdown_timeout_s)
         .listen(listener)
@@ -185,6 +186,20 @@ impl Application {
         let res = self.server.await;
         self.registry_arbiter.stop();
         res
+    }
+}
+
+/// How long the kernel keeps a connection whose peer stopped acknowledging our data (including a
+/// zero receive window). A client that stops reading entirely is cut by the kernel after this, so
+/// a session the room already evicted as a slow consumer cannot pin its socket forever.
+const STALLED_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn limit_stalled_writes(conn: &dyn std::any::Any, _: &mut actix_web::dev::Extensions) {
+    if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
+        let sock = socket2::SockRef::from(tcp);
+        if let Err(e) = sock.set_tcp_user_timeout(Some(STALLED_WRITE_TIMEOUT)) {
+            log::debug!("TCP_USER_TIMEOUT not set: {e}");
+        }
     }
 }
 

@@ -228,18 +228,13 @@ impl Actor for AccountActor {
             ));
         }
     }
-
-    fn stopped(&mut self, _: &mut Context<Self>) {
-        self.notice.disarm();
-        self.metrics.accounts.dec();
-    }
 }
 
 impl Drop for AccountActor {
     fn drop(&mut self) {
-        if self.notice.armed() {
-            self.metrics.accounts.dec();
-        }
+        // Exactly once per actor, however it ended. (`stopped()` also runs after a panic:
+        // actix polls a dropped context to a stop, so it cannot tell a crash from a stop.)
+        self.metrics.accounts.dec();
     }
 }
 

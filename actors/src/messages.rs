@@ -122,6 +122,7 @@ pub enum ReportMembership {
         addr: Addr<crate::room::RoomActor>,
     },
     Account {
+        account: Arc<str>,
         addr: Addr<crate::account::AccountActor>,
     },
 }

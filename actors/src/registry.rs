@@ -34,12 +34,15 @@ pub struct ActorDown {
     pub gen: u64,
 }
 
-/// A new WebSocket session. The reply is its account's actor, started if needed.
+/// A new WebSocket session. For an end user's connection the reply is its account's actor,
+/// started if needed; dashboards (staff) get `None` and follow accounts by topic.
 #[derive(Message)]
-#[rtype(result = "Result<Addr<AccountActor>, Reason>")]
+#[rtype(result = "Result<Option<Addr<AccountActor>>, Reason>")]
 pub struct RegisterSession {
     pub session: SessionId,
     pub account: Arc<str>,
+    /// An end user's connection (counted in the account's presence), not a dashboard.
+    pub connection: bool,
     pub user: Key,
     pub to: SessionAddr,
     pub report: Recipient<ReportMembership>,
@@ -250,22 +253,28 @@ impl Registry {
 
     /// Asks every live session of `account` for its stake, with a deadline, and hands the
     /// answers to the restarted actor.
+    /// `everyone`: ask all sessions, not only the account's own (dashboards of staff follow
+    /// accounts they do not belong to).
     fn collect<T: Send + 'static>(
         &self,
         account: &Arc<str>,
+        everyone: bool,
         ask: ReportMembership,
         pick: fn(Report) -> Option<T>,
         tx: oneshot::Sender<Vec<T>>,
     ) {
-        let targets: Vec<Recipient<ReportMembership>> = self
-            .by_account
-            .get(account)
-            .map(|ids| {
-                ids.iter()
-                    .filter_map(|id| self.sessions.get(id).map(|s| s.report.clone()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let targets: Vec<Recipient<ReportMembership>> = if everyone {
+            self.sessions.values().map(|s| s.report.clone()).collect()
+        } else {
+            self.by_account
+                .get(account)
+                .map(|ids| {
+                    ids.iter()
+                        .filter_map(|id| self.sessions.get(id).map(|s| s.report.clone()))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
         let timeout = Duration::from_millis(self.cfg.recovery_timeout_ms);
         let fut = async move {
             let answers = join_all(
@@ -305,13 +314,15 @@ impl Actor for Registry {
 }
 
 impl Handler<RegisterSession> for Registry {
-    type Result = Result<Addr<AccountActor>, Reason>;
+    type Result = Result<Option<Addr<AccountActor>>, Reason>;
 
     fn handle(&mut self, msg: RegisterSession, ctx: &mut Context<Self>) -> Self::Result {
         if self.shutting_down {
             return Err(Reason::ServerShutdown);
         }
-        let addr = self.ensure_account(&msg.account, ctx.address());
+        let addr = msg
+            .connection
+            .then(|| self.ensure_account(&msg.account, ctx.address()));
         self.metrics
             .sessions_by_account
             .with_label_values(&[&msg.account])
@@ -466,6 +477,7 @@ impl Handler<ActorDown> for Registry {
                 let addr = self.start_room(&account, &room, ctx.address(), Some(rx));
                 self.collect(
                     &account,
+                    false,
                     ReportMembership::Room { room, addr },
                     |r| match r {
                         Report::Room(m) => Some(m),
@@ -485,7 +497,11 @@ impl Handler<ActorDown> for Registry {
                 let addr = self.start_account(&account, ctx.address(), Some(rx));
                 self.collect(
                     &account,
-                    ReportMembership::Account { addr },
+                    true,
+                    ReportMembership::Account {
+                        account: account.clone(),
+                        addr,
+                    },
                     |r| match r {
                         Report::Account(m) => Some(m),
                         _ => None,

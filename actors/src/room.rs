@@ -40,6 +40,8 @@ pub struct RoomActor {
     /// Present while this room was restarted and waits for the sessions' reports.
     recovery: Option<oneshot::Receiver<Vec<RoomMembership>>>,
     idle_timer: Option<SpawnHandle>,
+    /// Earliest deadline of ghosts made while fanning out (slow consumers), to schedule.
+    expiry_due: Option<i64>,
     notice: DeathNotice,
 }
 
@@ -78,6 +80,7 @@ impl RoomActor {
             registry: spec.registry,
             recovery: spec.recovery,
             idle_timer: None,
+            expiry_due: None,
             notice,
         }
     }
@@ -101,7 +104,15 @@ impl RoomActor {
                     self.presence
                         .leave(&d.user, d.session, Departure::Grace { until }),
                 );
+                self.expiry_due = Some(self.expiry_due.map_or(until, |t| t.min(until)));
             }
+        }
+    }
+
+    /// Schedules the expiry of ghosts that a fan-out left behind.
+    fn arm_expiry(&mut self, ctx: &mut Context<Self>) {
+        if let Some(until) = self.expiry_due.take() {
+            self.schedule_expiry(ctx, until);
         }
     }
 
@@ -116,6 +127,7 @@ impl RoomActor {
             let d = act.presence.expire(now_ms());
             act.metrics.leaves.inc_by(d.leaves.len() as u64);
             act.emit(d, None);
+            act.arm_expiry(ctx);
             act.check_idle(ctx);
         });
     }
@@ -197,20 +209,13 @@ impl Actor for RoomActor {
             self.check_idle(ctx);
         }
     }
-
-    fn stopped(&mut self, _: &mut Context<Self>) {
-        // An orderly stop (idle, or the arbiter shutting down) is not a death to restart.
-        self.notice.disarm();
-        self.metrics.rooms.dec();
-    }
 }
 
 impl Drop for RoomActor {
     fn drop(&mut self) {
-        if self.notice.armed() {
-            // Died without `stopped()`: a panic. The gauge must not keep counting it.
-            self.metrics.rooms.dec();
-        }
+        // Exactly once per actor, however it ended. (`stopped()` also runs after a panic:
+        // actix polls a dropped context to a stop, so it cannot tell a crash from a stop.)
+        self.metrics.rooms.dec();
     }
 }
 
@@ -234,6 +239,7 @@ impl Handler<Join> for RoomActor {
             },
         );
         self.emit(diff, Some(session));
+        self.arm_expiry(ctx);
         self.check_idle(ctx);
         Ok(Joined {
             phx_ref,
@@ -253,6 +259,7 @@ impl Handler<Leave> for RoomActor {
             Departure::Now => self.metrics.leaves.inc_by(diff.leaves.len() as u64),
         }
         self.emit(diff, None);
+        self.arm_expiry(ctx);
         self.check_idle(ctx);
     }
 }
@@ -260,7 +267,7 @@ impl Handler<Leave> for RoomActor {
 impl Handler<SetStatus> for RoomActor {
     type Result = Result<Ref, Reason>;
 
-    fn handle(&mut self, msg: SetStatus, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: SetStatus, ctx: &mut Context<Self>) -> Self::Result {
         if !self.subs.contains(msg.session) {
             return Err(Reason::NotJoined);
         }
@@ -276,6 +283,7 @@ impl Handler<SetStatus> for RoomActor {
             .ok_or(Reason::NotJoined)?;
         self.metrics.updates.inc();
         self.emit(diff, None);
+        self.arm_expiry(ctx);
         Ok(meta.phx_ref)
     }
 }
@@ -283,7 +291,7 @@ impl Handler<SetStatus> for RoomActor {
 impl Handler<Broadcast> for RoomActor {
     type Result = Result<(), Reason>;
 
-    fn handle(&mut self, msg: Broadcast, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Broadcast, ctx: &mut Context<Self>) -> Self::Result {
         if !self.subs.contains(msg.from) {
             return Err(Reason::NotJoined);
         }
@@ -298,8 +306,10 @@ impl Handler<Broadcast> for RoomActor {
                 self.presence
                     .leave(&d.user, d.session, Departure::Grace { until }),
             );
+            self.expiry_due = Some(until);
         }
         self.emit(diff, None);
+        self.arm_expiry(ctx);
         Ok(())
     }
 }

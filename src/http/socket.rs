@@ -117,6 +117,7 @@ pub async fn upgrade(
         online_at: now_ms(),
         registry: state.registry.clone(),
         account_addr: None,
+        registered: false,
         connection_meta: None,
         channels: HashMap::new(),
         hb: Instant::now(),
@@ -172,7 +173,10 @@ enum ChannelKind {
         /// This session's meta in the room, exactly as the room holds it.
         meta: Option<Meta>,
     },
-    Account,
+    Account {
+        id: Arc<str>,
+        addr: Option<Addr<AccountActor>>,
+    },
 }
 
 pub struct SessionActor {
@@ -188,6 +192,8 @@ pub struct SessionActor {
     online_at: i64,
     registry: Addr<Registry>,
     account_addr: Option<Addr<AccountActor>>,
+    /// The registry accepted this session (it refuses new ones while shutting down).
+    registered: bool,
     /// The connection's meta in the account's presence (end users only).
     connection_meta: Option<Meta>,
     channels: HashMap<String, Channel>,
@@ -469,7 +475,10 @@ impl SessionActor {
             topic.clone(),
             Channel {
                 join_ref: f.join_ref.clone(),
-                kind: ChannelKind::Account,
+                kind: ChannelKind::Account {
+                    id: id.clone(),
+                    addr: None,
+                },
                 pending: Some(Vec::new()),
             },
         );
@@ -498,9 +507,9 @@ impl SessionActor {
                         for frame in ch.pending.take().unwrap_or_default() {
                             ctx.text(frame);
                         }
-                    }
-                    if act.staff && act.account_addr.is_none() {
-                        act.account_addr = Some(addr);
+                        if let ChannelKind::Account { addr: a, .. } = &mut ch.kind {
+                            *a = Some(addr);
+                        }
                     }
                 }
                 (Ok((addr, _)), _) => addr.do_send(Unsubscribe { session: act.id }),
@@ -687,8 +696,8 @@ impl SessionActor {
                     how: Departure::Now,
                 }),
                 ChannelKind::Room { addr: None, .. } => {}
-                ChannelKind::Account => {
-                    if let Some(acc) = &self.account_addr {
+                ChannelKind::Account { addr, .. } => {
+                    if let Some(acc) = addr {
                         acc.do_send(Unsubscribe { session: self.id });
                     }
                 }
@@ -727,6 +736,7 @@ impl Actor for SessionActor {
         let register = RegisterSession {
             session: self.id,
             account: self.account.clone(),
+            connection: !self.staff,
             user: self.user.clone(),
             to: ctx.address().recipient(),
             report: ctx.address().recipient(),
@@ -737,10 +747,11 @@ impl Actor for SessionActor {
                 .send(register)
                 .into_actor(self)
                 .then(move |res, act, _| {
-                    let addr = match res {
-                        Ok(Ok(a)) => Some(a),
-                        _ => None,
+                    let (registered, addr) = match res {
+                        Ok(Ok(a)) => (true, a),
+                        _ => (false, None),
                     };
+                    act.registered = registered;
                     act.account_addr = addr.clone();
                     let connect = match (&addr, act.staff) {
                         (Some(a), false) => Some(a.send(Connect {
@@ -758,7 +769,7 @@ impl Actor for SessionActor {
                     })
                 })
                 .map(|phx_ref, act, ctx| {
-                    if act.account_addr.is_none() {
+                    if !act.registered {
                         return act.close(ctx, Reason::ServerShutdown);
                     }
                     if let Some(r) = phx_ref {
@@ -787,24 +798,24 @@ impl Actor for SessionActor {
             }
         };
         for ch in self.channels.values() {
-            if let ChannelKind::Room { addr: Some(a), .. } = &ch.kind {
-                a.do_send(Leave {
+            match &ch.kind {
+                ChannelKind::Room { addr: Some(a), .. } => a.do_send(Leave {
                     user: self.user.clone(),
                     session: self.id,
                     how,
-                });
+                }),
+                ChannelKind::Account { addr: Some(a), .. } => {
+                    a.do_send(Unsubscribe { session: self.id })
+                }
+                _ => {}
             }
         }
-        if let Some(acc) = &self.account_addr {
-            if self.staff {
-                acc.do_send(Unsubscribe { session: self.id });
-            } else {
-                acc.do_send(Leave {
-                    user: self.user.clone(),
-                    session: self.id,
-                    how,
-                });
-            }
+        if let (Some(acc), false) = (&self.account_addr, self.staff) {
+            acc.do_send(Leave {
+                user: self.user.clone(),
+                session: self.id,
+                how,
+            });
         }
         self.registry
             .do_send(UnregisterSession { session: self.id });
@@ -870,17 +881,31 @@ impl Handler<ReportMembership> for SessionActor {
                     None => Report::None,
                 }
             }
-            ReportMembership::Account { addr } => {
-                self.account_addr = Some(addr);
-                let follower = self
-                    .channels
-                    .values()
-                    .any(|c| matches!(c.kind, ChannelKind::Account) && c.pending.is_none())
-                    .then(|| self.user.clone());
+            ReportMembership::Account { account, addr } => {
+                let mut follower = None;
+                for ch in self.channels.values_mut() {
+                    if let ChannelKind::Account { id, addr: a } = &mut ch.kind {
+                        if *id == account && a.is_some() {
+                            *a = Some(addr.clone());
+                            follower = Some(self.user.clone());
+                        }
+                    }
+                }
+                let own = !self.staff && self.account == account;
+                if own {
+                    self.account_addr = Some(addr);
+                }
+                if !own && follower.is_none() {
+                    return Report::None;
+                }
                 Report::Account(AccountMembership {
                     session: self.id,
-                    connection: self.connection_meta.clone().map(|m| (self.user.clone(), m)),
-                    rooms: self.rooms(),
+                    connection: if own {
+                        self.connection_meta.clone().map(|m| (self.user.clone(), m))
+                    } else {
+                        None
+                    },
+                    rooms: if own { self.rooms() } else { Vec::new() },
                     follower,
                     to: ctx.address().recipient(),
                 })

@@ -1,0 +1,5 @@
+//! Integration tests: real nodes on port 0, real sockets, real SQLite files. One binary, so the
+//! suite links once.
+mod helpers;
+mod http;
+mod socket;

@@ -1,0 +1,338 @@
+//! The WebSocket engine end to end: presence semantics, supervision, bad input, back-pressure,
+//! shutdown.
+
+use serde_json::json;
+
+use crate::helpers::*;
+
+#[actix_web::test]
+async fn a_room_member_sees_joins_status_updates_and_leaves_of_another() {
+    let app = spawn_app().await;
+    let acc = app.create_account("Acme").await;
+    let mut a = app.connect(&app.user_token(&acc, "ann")).await;
+    let state = a.join_ok("room:lobby", json!({"status": "online"})).await;
+    assert!(state["ann"]["metas"][0]["phx_ref"].is_string());
+
+    let mut b = app.connect(&app.user_token(&acc, "bob")).await;
+    b.join_ok(
+        "room:lobby",
+        json!({"status": "busy", "meta": {"device": "phone"}}),
+    )
+    .await;
+    let d = a.expect("bob's join", is_diff("room:lobby")).await;
+    assert_eq!(joins_of(&d), vec!["bob"]);
+    assert_eq!(d[4]["joins"]["bob"]["metas"][0]["status"], "busy");
+    assert_eq!(d[4]["joins"]["bob"]["metas"][0]["device"], "phone");
+
+    let r = b
+        .push("1", "room:lobby", "status", json!({"status": "away"}))
+        .await;
+    assert_eq!(b.expect_reply(&r).await["status"], "ok");
+    let d = a.expect("bob's update", is_diff("room:lobby")).await;
+    assert_eq!(joins_of(&d), vec!["bob"]);
+    assert_eq!(leaves_of(&d), vec!["bob"]);
+    let prev = d[4]["joins"]["bob"]["metas"][0]["phx_ref_prev"].clone();
+    assert_eq!(prev, d[4]["leaves"]["bob"]["metas"][0]["phx_ref"]);
+
+    let r = b.push("1", "room:lobby", "phx_leave", json!({})).await;
+    assert_eq!(b.expect_reply(&r).await["status"], "ok");
+    let d = a.expect("bob's leave", is_diff("room:lobby")).await;
+    assert_eq!(leaves_of(&d), vec!["bob"]);
+    assert!(joins_of(&d).is_empty());
+}
+
+use presence_actors::registry::{CrashActor, DownKind};
+
+async fn crash(app: &TestApp, kind: DownKind) {
+    let ok = app
+        .state
+        .registry
+        .send(CrashActor { kind })
+        .await
+        .expect("registry answers");
+    assert!(ok, "the actor to crash is live");
+}
+
+#[actix_web::test]
+async fn a_room_actor_that_crashes_is_rebuilt_from_live_sessions_without_any_leave() {
+    let app = spawn_app().await;
+    let acc = app.create_account("Acme").await;
+    let mut a = app.connect(&app.user_token(&acc, "ann")).await;
+    a.join_ok("room:ops", json!({"status": "online"})).await;
+    let mut b = app.connect(&app.user_token(&acc, "bob")).await;
+    b.join_ok("room:ops", json!({"status": "busy"})).await;
+    a.expect("bob's join", is_diff("room:ops")).await;
+
+    crash(
+        &app,
+        DownKind::Room {
+            account: acc.id.as_str().into(),
+            room: "ops".into(),
+        },
+    )
+    .await;
+
+    // The rebuilt room re-sends its state: the same two members with the same refs.
+    for c in [&mut a, &mut b] {
+        let st = c
+            .expect("presence_state after the restart", |v| {
+                v[2] == "room:ops" && v[3] == "presence_state"
+            })
+            .await;
+        let mut users: Vec<&String> = st[4].as_object().unwrap().keys().collect();
+        users.sort();
+        assert_eq!(users, vec!["ann", "bob"]);
+    }
+    assert_eq!(
+        app.metric("presenced_actor_restarts_total", "room").await,
+        1.0
+    );
+
+    // The new room works: a status change and a newcomer reach everyone, as one diff each.
+    let r = b
+        .push("1", "room:ops", "status", json!({"status": "away"}))
+        .await;
+    assert_eq!(b.expect_reply(&r).await["status"], "ok");
+    let d = a.expect("bob's update", is_diff("room:ops")).await;
+    assert_eq!(d[4]["joins"]["bob"]["metas"][0]["status"], "away");
+    let mut c = app.connect(&app.user_token(&acc, "cat")).await;
+    let st = c.join_ok("room:ops", json!({})).await;
+    assert_eq!(st.as_object().unwrap().len(), 3);
+    let d = a.expect("cat's join", is_diff("room:ops")).await;
+    assert_eq!(joins_of(&d), vec!["cat"]);
+
+    // Nobody was dropped and nobody ever saw a leave.
+    for cl in [&a, &b] {
+        assert!(cl.closed.is_none(), "a session was dropped by the crash");
+        assert!(
+            !cl.seen.iter().any(|v| v[3] == "presence_diff"
+                && !leaves_of(v).is_empty()
+                && v[4]["joins"].as_object().is_none_or(|j| j.is_empty())),
+            "a leave-only diff was sent: {:?}",
+            cl.seen
+        );
+    }
+}
+
+#[actix_web::test]
+async fn an_account_actor_that_crashes_is_rebuilt_and_dashboards_keep_following() {
+    let app = spawn_app().await;
+    let acc = app.create_account("Acme").await;
+    let topic = format!("account:{}", acc.id);
+    let mut dash = app.connect(&app.admin_token).await;
+    dash.join_ok(&topic, json!({})).await;
+    let mut a = app.connect(&app.user_token(&acc, "ann")).await;
+    a.join_ok("room:x", json!({})).await;
+    dash.expect("ann's connection", is_diff(&topic)).await;
+
+    crash(
+        &app,
+        DownKind::Account {
+            account: acc.id.as_str().into(),
+        },
+    )
+    .await;
+    let st = dash
+        .expect("account presence_state after the restart", |v| {
+            v[2] == topic.as_str() && v[3] == "presence_state"
+        })
+        .await;
+    assert!(st[4]["ann"]["metas"].is_array(), "{st}");
+    let (status, v) = app
+        .get(
+            &format!("/api/v1/accounts/{}/users/ann/presence", acc.id),
+            &app.admin_token,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(v["online"], true);
+    assert_eq!(v["rooms"], json!(["x"]), "{v}");
+
+    // Still live: a new connection reaches the dashboard.
+    let mut b = app.connect(&app.user_token(&acc, "bob")).await;
+    b.join_ok("room:x", json!({})).await;
+    let d = dash.expect("bob's connection", is_diff(&topic)).await;
+    assert_eq!(joins_of(&d), vec!["bob"]);
+    assert!(a.closed.is_none());
+}
+
+#[actix_web::test]
+async fn ten_thousand_joins_on_one_socket_get_errors_then_the_abuser_is_closed_and_the_node_stays_up(
+) {
+    let app = spawn_app().await;
+    let acc = app.create_account("Acme").await;
+    let mut abuser = app.connect(&app.user_token(&acc, "mallory")).await;
+    for i in 0..10_000 {
+        let f = json!([
+            i.to_string(),
+            i.to_string(),
+            format!("room:r{i}"),
+            "phx_join",
+            {}
+        ]);
+        if abuser.framed_send(f.to_string()).await.is_err() {
+            break;
+        }
+    }
+    let refused = abuser
+        .expect("a too_many_joins reply", |v| {
+            v[3] == "phx_reply" && v[4]["response"]["reason"] == "too_many_joins"
+        })
+        .await;
+    assert_eq!(refused[4]["status"], "error");
+    let reason = abuser.expect_close().await.expect("a close reason");
+    assert_eq!(reason.description.as_deref(), Some("too_many_errors"));
+    assert_eq!(u16::from(reason.code), 1008);
+
+    // The node is fine and serves others.
+    let (status, _) = app.get("/healthz", "").await;
+    assert_eq!(status, 200);
+    let mut ok = app.connect(&app.user_token(&acc, "ann")).await;
+    ok.join_ok("room:r1", json!({})).await;
+}
+
+#[actix_web::test]
+async fn a_lone_surrogate_in_a_frame_is_a_malformed_frame_and_the_socket_stays_usable() {
+    let app = spawn_app().await;
+    let acc = app.create_account("Acme").await;
+    let mut c = app.connect(&app.user_token(&acc, "ann")).await;
+    c.send_text(r#"["1","1","room:\ud800x","phx_join",{}]"#.into())
+        .await;
+    // The frame is not valid JSON at all, so nothing of it can be echoed.
+    let v = c
+        .expect("malformed_frame", |v| {
+            v[2] == "phoenix" && v[3] == "phx_reply"
+        })
+        .await;
+    assert_eq!(v[4]["response"]["reason"], "malformed_frame");
+    c.join_ok("room:fine", json!({})).await;
+}
+
+#[actix_web::test]
+async fn invalid_utf8_in_a_text_frame_closes_only_that_socket() {
+    use std::io::{Read, Write};
+    let app = spawn_app().await;
+    let acc = app.create_account("Acme").await;
+    let token = app.user_token(&acc, "ann");
+    let port = app.port;
+    // A raw client: the WebSocket handshake by hand, then a masked text frame of invalid UTF-8.
+    let closed = actix_web::rt::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET /socket/websocket?vsn=2.0.0&token={token} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = [0u8; 1024];
+        let n = s.read(&mut head).unwrap();
+        assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 101"));
+        let payload = [0xff_u8, 0xfe, 0xfd];
+        let mask = [1u8, 2, 3, 4];
+        let mut frame = vec![0x81, 0x80 | payload.len() as u8];
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        s.write_all(&frame).unwrap();
+        // The server closes this socket (a close frame, then EOF).
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        rest.first().map(|b| b & 0x0f) == Some(0x8) || rest.is_empty()
+    })
+    .await
+    .unwrap();
+    assert!(closed);
+    let (status, _) = app.get("/healthz", "").await;
+    assert_eq!(status, 200);
+    let mut other = app.connect(&app.user_token(&acc, "bob")).await;
+    other.join_ok("room:a", json!({})).await;
+}
+
+#[actix_web::test]
+async fn a_subscriber_that_stops_reading_is_cut_off_and_the_room_goes_on() {
+    let app = spawn_app_with(|s| {
+        s.limits.max_outbound = 8;
+        s.limits.max_frame_bytes = 64 * 1024;
+    })
+    .await;
+    let acc = app.create_account("Acme").await;
+    let mut slow = app.connect(&app.user_token(&acc, "slow")).await;
+    slow.join_ok("room:flood", json!({})).await;
+    let mut fast = app.connect(&app.user_token(&acc, "fast")).await;
+    fast.join_ok("room:flood", json!({})).await;
+    let mut talker = app.connect(&app.user_token(&acc, "talker")).await;
+    talker.join_ok("room:flood", json!({})).await;
+
+    // `slow` never reads again. The talker floods the room with 32 KiB broadcasts until the
+    // room gives up on it; kernel buffers absorb a few MB first.
+    let blob = "x".repeat(32 * 1024);
+    let mut cut = false;
+    for i in 0..2_000 {
+        let r = talker
+            .push(
+                "1",
+                "room:flood",
+                "broadcast",
+                json!({"event": "blob", "payload": blob}),
+            )
+            .await;
+        assert_eq!(talker.expect_reply(&r).await["status"], "ok");
+        // `fast` keeps up: it drains what it gets.
+        while fast
+            .try_expect(std::time::Duration::from_millis(5), &|v| v[3] == "blob")
+            .await
+            .is_some()
+        {}
+        if i % 50 == 49
+            && app
+                .metric("presenced_outbound_drops_total", "slow_consumer")
+                .await
+                >= 1.0
+        {
+            cut = true;
+            break;
+        }
+    }
+    assert!(cut, "the slow subscriber was never cut off");
+    // The room saw `slow` go (after grace) and the others are still served.
+    let d = fast
+        .expect("slow's leave", |v| {
+            v[3] == "presence_diff" && leaves_of(v).contains(&"slow".to_string())
+        })
+        .await;
+    assert!(joins_of(&d).is_empty());
+    let r = talker
+        .push(
+            "1",
+            "room:flood",
+            "broadcast",
+            json!({"event": "after", "payload": 1}),
+        )
+        .await;
+    assert_eq!(talker.expect_reply(&r).await["status"], "ok");
+    fast.expect("a broadcast after the cut", |v| v[3] == "after")
+        .await;
+}
+
+#[actix_web::test]
+async fn shutdown_closes_every_socket_with_1001_and_stops_the_server() {
+    let app = spawn_app().await;
+    let acc = app.create_account("Acme").await;
+    let mut a = app.connect(&app.user_token(&acc, "ann")).await;
+    a.join_ok("room:x", json!({})).await;
+    let mut dash = app.connect(&app.admin_token).await;
+    dash.join_ok(&format!("account:{}", acc.id), json!({}))
+        .await;
+    let stop = actix_web::rt::spawn(presenced::app::shutdown(
+        app.handle.clone(),
+        app.state.clone(),
+    ));
+    for c in [&mut a, &mut dash] {
+        let reason = c.expect_close().await.expect("close reason");
+        assert_eq!(u16::from(reason.code), 1001);
+        assert_eq!(reason.description.as_deref(), Some("server_shutdown"));
+    }
+    stop.await.unwrap();
+    assert!(WsClient::connect(&format!("{}&token=x", app.ws))
+        .await
+        .is_err());
+}
