@@ -68,12 +68,12 @@ fn main() -> ExitCode {
             }
         };
         let url = format!("http://{}:{}", settings.bind_addr().map(|a| a.ip().to_string()).unwrap_or_default(), app.port());
-        match &app.generated_admin_password {
-            Some(pw) => log::warn!(
-                "bootstrap admin created: log in at {url}/api/v1/auth/login as {} with password {pw} (shown once; set bootstrap.admin_password to choose it)",
+        if let Some(pw) = &app.generated_admin_password {
+            // Printed once to the terminal, never through the logger (logs are shipped and kept).
+            println!(
+                "\n  bootstrap admin created\n  email:    {}\n  password: {pw}\n  (shown once; set bootstrap.admin_password to choose it)\n",
                 settings.bootstrap.admin_email
-            ),
-            None => {}
+            );
         }
         log::info!(
             "presenced listening on {url} (socket {url}/socket/websocket, database {}); log in with POST {url}/api/v1/auth/login as {}",

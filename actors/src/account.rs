@@ -107,7 +107,8 @@ pub struct AccountActor {
     cfg: Arc<EngineConfig>,
     metrics: Metrics,
     recovery: Option<oneshot::Receiver<Vec<AccountMembership>>>,
-    notice: DeathNotice,
+    /// Held for its `Drop`: tells the registry if this actor dies. Accounts never stop on purpose.
+    _notice: DeathNotice,
 }
 
 pub struct AccountSpec {
@@ -140,7 +141,7 @@ impl AccountActor {
             cfg: spec.cfg,
             metrics: spec.metrics,
             recovery: spec.recovery,
-            notice,
+            _notice: notice,
         }
     }
 

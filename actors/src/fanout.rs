@@ -92,7 +92,7 @@ impl Fanout {
                         .with_label_values(&["slow_consumer"])
                         .inc();
                     // One message past capacity, once: the session closes itself when it runs.
-                    let _ = sub.to.do_send(ToSession::Evicted {
+                    sub.to.do_send(ToSession::Evicted {
                         topic: topic.clone(),
                         reason: Reason::SlowConsumer,
                     });

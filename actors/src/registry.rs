@@ -134,6 +134,8 @@ struct Slot<A: Actor> {
 
 struct SessionEntry {
     account: Arc<str>,
+    /// An end user's connection (dashboards are not counted per account).
+    connection: bool,
     to: SessionAddr,
     report: Recipient<ReportMembership>,
 }
@@ -323,10 +325,12 @@ impl Handler<RegisterSession> for Registry {
         let addr = msg
             .connection
             .then(|| self.ensure_account(&msg.account, ctx.address()));
-        self.metrics
-            .sessions_by_account
-            .with_label_values(&[&msg.account])
-            .inc();
+        if msg.connection {
+            self.metrics
+                .sessions_by_account
+                .with_label_values(&[&msg.account])
+                .inc();
+        }
         self.by_account
             .entry(msg.account.clone())
             .or_default()
@@ -335,6 +339,7 @@ impl Handler<RegisterSession> for Registry {
             msg.session,
             SessionEntry {
                 account: msg.account,
+                connection: msg.connection,
                 to: msg.to,
                 report: msg.report,
             },
@@ -349,11 +354,12 @@ impl Handler<UnregisterSession> for Registry {
 
     fn handle(&mut self, msg: UnregisterSession, _: &mut Context<Self>) {
         if let Some(entry) = self.sessions.remove(&msg.session) {
-            let gauge = self
-                .metrics
-                .sessions_by_account
-                .with_label_values(&[&entry.account]);
-            gauge.dec();
+            if entry.connection {
+                self.metrics
+                    .sessions_by_account
+                    .with_label_values(&[&entry.account])
+                    .dec();
+            }
             if let Some(set) = self.by_account.get_mut(&entry.account) {
                 set.remove(&msg.session);
                 if set.is_empty() {
@@ -519,7 +525,7 @@ impl Handler<KickSession> for Registry {
     fn handle(&mut self, msg: KickSession, _: &mut Context<Self>) -> bool {
         match self.sessions.get(&msg.session) {
             Some(s) if s.account == msg.account => {
-                let _ = s.to.do_send(ToSession::Close {
+                s.to.do_send(ToSession::Close {
                     reason: Reason::Kicked,
                 });
                 true
@@ -552,7 +558,7 @@ impl Handler<Shutdown> for Registry {
     fn handle(&mut self, _: Shutdown, _: &mut Context<Self>) -> usize {
         self.shutting_down = true;
         for s in self.sessions.values() {
-            let _ = s.to.do_send(ToSession::Close {
+            s.to.do_send(ToSession::Close {
                 reason: Reason::ServerShutdown,
             });
         }

@@ -38,7 +38,7 @@ impl DeathNotice {
 impl Drop for DeathNotice {
     fn drop(&mut self) {
         if let Some(kind) = self.kind.take() {
-            let _ = self.to.do_send(ActorDown {
+            self.to.do_send(ActorDown {
                 kind,
                 gen: self.gen,
             });

@@ -245,9 +245,14 @@ pub async fn refresh(
         if rt.spent_at.is_some() || !st.store.spend_refresh_token(&rt.id, now)? {
             // A spent token used again: someone holds a copy. Revoke the whole family.
             st.store.revoke_family(&rt.family_id, now)?;
+            let account = st
+                .store
+                .get_user(&rt.user_id)
+                .ok()
+                .and_then(|u| u.account_id);
             let _ = st.store.append_audit(&NewAuditLog {
                 at: now,
-                account_id: None,
+                account_id: account.as_deref(),
                 actor: Some(&rt.user_id),
                 action: "refresh_token_reuse",
                 target: Some(&rt.family_id),

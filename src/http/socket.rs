@@ -158,6 +158,9 @@ async fn authenticate(state: &web::Data<AppState>, token: &str) -> Result<Princi
     }
 }
 
+/// A join's or status push's `{status?, meta?}`, validated.
+type PresencePayload = (Option<Arc<str>>, Option<Map<String, Value>>);
+
 /// One joined (or joining) topic of a socket.
 struct Channel {
     join_ref: Value,
@@ -527,7 +530,7 @@ impl SessionActor {
         &self,
         payload: &Value,
         optional: bool,
-    ) -> Result<(Option<Arc<str>>, Option<Map<String, Value>>), Reason> {
+    ) -> Result<PresencePayload, Reason> {
         let obj = match payload {
             Value::Object(o) => o.clone(),
             Value::Null if optional => Map::new(),
