@@ -249,6 +249,7 @@ impl SessionActor {
             Reason::Kicked | Reason::TooManyErrors => ws::CloseCode::Policy,
             Reason::SlowConsumer => ws::CloseCode::Again,
             Reason::FrameTooLarge => ws::CloseCode::Size,
+            Reason::MalformedFrame => ws::CloseCode::Invalid,
             _ => ws::CloseCode::Normal,
         };
         if reason == Reason::Kicked {
@@ -922,15 +923,24 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for SessionActor {
         let msg = match item {
             Ok(m) => m,
             Err(e) => {
-                let reason = match e {
+                log::debug!("session {}: protocol error {e}", self.id);
+                let reason = match &e {
                     ws::ProtocolError::Overflow => Reason::FrameTooLarge,
+                    // actix-web-actors reports both a text frame that is not UTF-8 and a dropped
+                    // connection as `Io(Other)`; only the message tells them apart.
+                    ws::ProtocolError::Io(io) if !io.to_string().contains("utf-8") => {
+                        self.metrics
+                            .ws_errors
+                            .with_label_values(&["connection_lost"])
+                            .inc();
+                        return ctx.stop();
+                    }
                     _ => Reason::MalformedFrame,
                 };
                 self.metrics
                     .ws_errors
                     .with_label_values(&[reason.as_str()])
                     .inc();
-                log::debug!("session {}: protocol error {e}", self.id);
                 return self.close(ctx, reason);
             }
         };

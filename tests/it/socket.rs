@@ -336,3 +336,30 @@ async fn shutdown_closes_every_socket_with_1001_and_stops_the_server() {
         .await
         .is_err());
 }
+
+#[actix_web::test]
+async fn an_account_past_its_room_limit_gets_room_limit_and_a_full_room_gets_room_full() {
+    let app = spawn_app_with(|s| {
+        s.limits.max_rooms_per_account = 2;
+        s.limits.max_room_members = 2;
+    })
+    .await;
+    let acc = app.create_account("Acme").await;
+    let mut a = app.connect(&app.user_token(&acc, "ann")).await;
+    a.join_ok("room:one", json!({})).await;
+    a.join_ok("room:two", json!({})).await;
+    let reply = a.join("room:three", json!({})).await;
+    assert_eq!(reply["status"], "error");
+    assert_eq!(reply["response"]["reason"], "room_limit");
+
+    let mut b = app.connect(&app.user_token(&acc, "bob")).await;
+    b.join_ok("room:one", json!({})).await;
+    let mut c = app.connect(&app.user_token(&acc, "cat")).await;
+    let reply = c.join("room:one", json!({})).await;
+    assert_eq!(reply["response"]["reason"], "room_full");
+    // the socket stays usable and another account is not affected by this one's limit
+    c.join_ok("room:two", json!({})).await;
+    let other = app.create_account("Other").await;
+    let mut d = app.connect(&app.user_token(&other, "dan")).await;
+    d.join_ok("room:three", json!({})).await;
+}
