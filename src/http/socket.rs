@@ -846,7 +846,17 @@ impl Handler<ToSession> for SessionActor {
             ToSession::Frame { topic, frame } => match self.channels.get_mut(&*topic) {
                 Some(Channel {
                     pending: Some(buf), ..
-                }) => buf.push(frame),
+                }) => {
+                    // Held until the join reply is written; bounded like the mailbox itself.
+                    if buf.len() >= self.cfg.limits.max_outbound {
+                        self.metrics
+                            .outbound_drops
+                            .with_label_values(&["slow_consumer"])
+                            .inc();
+                        return self.close(ctx, Reason::SlowConsumer);
+                    }
+                    buf.push(frame)
+                }
                 Some(_) => ctx.text(frame),
                 None => {}
             },
