@@ -240,6 +240,21 @@ pub struct Arrival {
     pub fields: Arc<Map<String, Value>>,
 }
 
+impl Arrival {
+    /// The meta this arrival becomes under `phx_ref`.
+    pub fn into_meta(self, phx_ref: Ref) -> Meta {
+        Meta {
+            phx_ref,
+            phx_ref_prev: None,
+            session: self.session,
+            status: self.status,
+            online_at: self.online_at,
+            device: self.device,
+            fields: self.fields,
+        }
+    }
+}
+
 /// The presence of one topic (a room, or an account's connections).
 #[derive(Clone, Debug, Default)]
 pub struct PresenceSet {
@@ -308,15 +323,7 @@ impl PresenceSet {
                     .position(|e| e.ghost_until.is_some() && e.meta.device == arrival.device)
             });
         let mut diff = Diff::default();
-        let mut meta = Meta {
-            phx_ref: new_ref,
-            phx_ref_prev: None,
-            session: arrival.session,
-            status: arrival.status,
-            online_at: arrival.online_at,
-            device: arrival.device,
-            fields: arrival.fields,
-        };
+        let mut meta = arrival.into_meta(new_ref);
         match replaced {
             Some(i) => {
                 let old = metas.remove(i);

@@ -419,6 +419,19 @@ pub async fn get_account(
     }
 }
 
+/// The live actor of an account (started if needed).
+async fn account_actor(
+    state: &Data,
+    id: &str,
+) -> Result<actix::Addr<presence_actors::account::AccountActor>, ApiError> {
+    state
+        .registry
+        .send(ResolveAccount { account: id.into() })
+        .await
+        .map_err(|_| ApiError::unavailable("registry unavailable"))?
+        .map_err(|_| ApiError::unavailable("shutting down"))
+}
+
 /// The account must exist (else 404) and the caller may read it.
 async fn readable_account(state: &Data, caller: &Caller, id: &str) -> Result<(), ApiError> {
     caller.read(id)?;
@@ -436,12 +449,7 @@ pub async fn account_presence(
 ) -> Result<HttpResponse, ApiError> {
     let id = path.into_inner();
     readable_account(&state, &caller, &id).await?;
-    let addr = state
-        .registry
-        .send(ResolveAccount { account: id.into() })
-        .await
-        .map_err(|_| ApiError::unavailable("registry unavailable"))?
-        .map_err(|_| ApiError::unavailable("shutting down"))?;
+    let addr = account_actor(&state, &id).await?;
     let v = addr
         .send(AccountHereNow)
         .await
@@ -469,15 +477,9 @@ pub async fn list_rooms(
             out.push(json!({ "room": &*name, "users": users, "sessions": sessions }));
         }
     }
-    let counts = match state
-        .registry
-        .send(ResolveAccount {
-            account: id.clone().into(),
-        })
-        .await
-    {
-        Ok(Ok(a)) => a.send(Counts).await.ok(),
-        _ => None,
+    let counts = match account_actor(&state, &id).await {
+        Ok(a) => a.send(Counts).await.ok(),
+        Err(_) => None,
     };
     Ok(HttpResponse::Ok().json(json!({ "account": id, "rooms": out, "totals": counts })))
 }
@@ -549,14 +551,7 @@ pub async fn user_presence(
             "user ids are [A-Za-z0-9_.:@+-]",
         ));
     }
-    let addr = state
-        .registry
-        .send(ResolveAccount {
-            account: id.clone().into(),
-        })
-        .await
-        .map_err(|_| ApiError::unavailable("registry unavailable"))?
-        .map_err(|_| ApiError::unavailable("shutting down"))?;
+    let addr = account_actor(&state, &id).await?;
     let mut v = addr
         .send(WhereNow { user: user.clone() })
         .await

@@ -435,15 +435,7 @@ impl SessionActor {
                         }
                         if let ChannelKind::Room { addr: a, meta, .. } = &mut ch.kind {
                             *a = Some(addr);
-                            *meta = Some(Meta {
-                                phx_ref: joined.phx_ref,
-                                phx_ref_prev: None,
-                                session: arrival.session,
-                                status: arrival.status,
-                                online_at: arrival.online_at,
-                                device: arrival.device,
-                                fields: arrival.fields,
-                            });
+                            *meta = Some(arrival.into_meta(joined.phx_ref));
                         }
                     }
                     act.rooms_changed();
@@ -777,16 +769,7 @@ impl Actor for SessionActor {
                         return act.close(ctx, Reason::ServerShutdown);
                     }
                     if let Some(r) = phx_ref {
-                        let a = act.connection_arrival();
-                        act.connection_meta = Some(Meta {
-                            phx_ref: r,
-                            phx_ref_prev: None,
-                            session: a.session,
-                            status: a.status,
-                            online_at: a.online_at,
-                            device: a.device,
-                            fields: a.fields,
-                        });
+                        act.connection_meta = Some(act.connection_arrival().into_meta(r));
                     }
                 }),
         );
