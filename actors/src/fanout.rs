@@ -101,8 +101,4 @@ impl Fanout {
         }
         dropped
     }
-
-    pub fn iter(&self) -> impl Iterator<Item = (&SessionId, &Subscriber)> {
-        self.subs.iter()
-    }
 }

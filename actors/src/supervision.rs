@@ -29,10 +29,6 @@ impl DeathNotice {
     pub fn disarm(&mut self) {
         self.kind = None;
     }
-
-    pub fn armed(&self) -> bool {
-        self.kind.is_some()
-    }
 }
 
 impl Drop for DeathNotice {
