@@ -471,12 +471,17 @@ pub async fn list_rooms(
         })
         .await
         .map_err(|_| ApiError::unavailable("registry unavailable"))?;
-    let mut out = Vec::with_capacity(rooms.len());
-    for (name, addr) in rooms {
-        if let Ok((users, sessions)) = addr.send(Occupancy).await {
-            out.push(json!({ "room": &*name, "users": users, "sessions": sessions }));
-        }
-    }
+    // Rooms live on several arbiters: ask them all at once, not one round trip after another.
+    let answers =
+        futures_util::future::join_all(rooms.iter().map(|(_, a)| a.send(Occupancy))).await;
+    let out: Vec<Value> = rooms
+        .iter()
+        .zip(answers)
+        .filter_map(|((name, _), a)| {
+            let (users, sessions) = a.ok()?;
+            Some(json!({ "room": &**name, "users": users, "sessions": sessions }))
+        })
+        .collect();
     let counts = match account_actor(&state, &id).await {
         Ok(a) => a.send(Counts).await.ok(),
         Err(_) => None,
