@@ -20,6 +20,7 @@ use crate::now_ms;
 use crate::presence::{Arrival, Departure, Diff, IdGen, Key, PresenceSet, Ref, SessionId};
 use crate::protocol::{self, Reason};
 use crate::registry::{ActorDown, DownKind, Registry};
+use crate::snapshot::{AccountSnapshot, RestoreGhosts, SnapshotAccount};
 use crate::supervision::DeathNotice;
 
 /// A connection of an end user arrives in the account.
@@ -107,6 +108,8 @@ pub struct AccountActor {
     cfg: Arc<EngineConfig>,
     metrics: Metrics,
     recovery: Option<oneshot::Receiver<Vec<AccountMembership>>>,
+    /// Users whose connection went away since the last snapshot, and when (for `last_seen`).
+    departed: HashMap<Key, i64>,
     /// Held for its `Drop`: tells the registry if this actor dies. Accounts never stop on purpose.
     _notice: DeathNotice,
 }
@@ -141,6 +144,7 @@ impl AccountActor {
             cfg: spec.cfg,
             metrics: spec.metrics,
             recovery: spec.recovery,
+            departed: HashMap::new(),
             _notice: notice,
         }
     }
@@ -244,15 +248,16 @@ impl Handler<Connect> for AccountActor {
 
     fn handle(&mut self, msg: Connect, _: &mut Context<Self>) -> Self::Result {
         let session = msg.arrival.session;
-        let phx_ref = self.ids.next_ref();
         self.live.insert(session, (msg.user.clone(), msg.to));
-        let diff = self.presence.join(&msg.user, msg.arrival, phx_ref);
+        let out = self
+            .presence
+            .join(&msg.user, msg.arrival, self.ids.next_ref());
         // A reconnect that replaced a ghost inherits nothing of its rooms: it will join again.
-        for (_, m) in &diff.leaves {
-            self.rooms_of.remove(&m.session);
+        if let Some(old) = out.replaced {
+            self.rooms_of.remove(&old);
         }
-        self.emit(diff);
-        MessageResult(phx_ref)
+        self.emit(out.diff);
+        MessageResult(out.phx_ref)
     }
 }
 
@@ -260,7 +265,9 @@ impl Handler<Leave> for AccountActor {
     type Result = ();
 
     fn handle(&mut self, msg: Leave, ctx: &mut Context<Self>) {
-        self.live.remove(&msg.session);
+        if self.live.remove(&msg.session).is_some() {
+            self.departed.insert(msg.user.clone(), now_ms());
+        }
         self.followers.remove(msg.session);
         let diff = self.presence.leave(&msg.user, msg.session, msg.how);
         match msg.how {
@@ -369,8 +376,14 @@ impl Handler<WhereNow> for AccountActor {
             .filter_map(|s| s.get("status").and_then(Value::as_str))
             .next()
             .map(String::from);
+        let last_seen = if sessions.is_empty() {
+            self.departed.get(msg.user.as_str()).copied()
+        } else {
+            None
+        };
         MessageResult(json!({
             "user": msg.user,
+            "last_seen": last_seen,
             "online": !sessions.is_empty(),
             "status": status,
             "rooms": rooms,
@@ -398,6 +411,39 @@ impl Handler<Counts> for AccountActor {
             connections: self.live.len(),
             followers: self.followers.len(),
         })
+    }
+}
+
+impl Handler<SnapshotAccount> for AccountActor {
+    type Result = MessageResult<SnapshotAccount>;
+
+    fn handle(&mut self, _: SnapshotAccount, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(AccountSnapshot {
+            account: self.id.clone(),
+            connections: self
+                .presence
+                .entries()
+                .map(|(k, m, g)| (k.clone(), m.clone(), g))
+                .collect(),
+            departed: self.departed.drain().collect(),
+            followers: self.followers.len(),
+        })
+    }
+}
+
+impl Handler<RestoreGhosts> for AccountActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: RestoreGhosts, ctx: &mut Context<Self>) {
+        for (user, meta, until) in msg.ghosts {
+            self.presence.restore_ghost(&user, meta, until);
+        }
+        for (session, rooms) in msg.rooms {
+            self.rooms_of.insert(session, rooms);
+        }
+        if let Some(until) = self.presence.next_expiry() {
+            self.schedule_expiry(ctx, until);
+        }
     }
 }
 

@@ -28,6 +28,7 @@ pub mod presence;
 pub mod protocol;
 pub mod registry;
 pub mod room;
+pub mod snapshot;
 pub mod supervision;
 
 pub use config::{EngineConfig, Limits};

@@ -255,6 +255,15 @@ impl Arrival {
     }
 }
 
+/// What a join did: the diff to send, the ref the session now holds (a reclaimed ghost's, when
+/// it came back unchanged), and the session whose meta it replaced, if another one.
+#[derive(Clone, Debug)]
+pub struct JoinOutcome {
+    pub diff: Diff,
+    pub phx_ref: Ref,
+    pub replaced: Option<SessionId>,
+}
+
 /// The presence of one topic (a room, or an account's connections).
 #[derive(Clone, Debug, Default)]
 pub struct PresenceSet {
@@ -309,10 +318,13 @@ impl PresenceSet {
             .map(|e| &e.meta)
     }
 
-    /// A session arrives. If it already holds a meta under this key (a duplicate join), or a ghost
-    /// of the same key and device is waiting (a reconnect within the grace window), the old meta
-    /// is swapped for the new one in a single update diff; otherwise it is a plain join.
-    pub fn join(&mut self, key: &Key, arrival: Arrival, new_ref: Ref) -> Diff {
+    /// A session arrives. If it already holds a meta under this key (a duplicate join), the old
+    /// meta is swapped for the new one in a single update diff. If a ghost of the same key and
+    /// device is waiting (a reconnect within the grace window, or after a restart), the session
+    /// takes the ghost's place: silently, keeping its ref, when it comes back exactly as it was
+    /// (nobody needs to hear of a reconnect), or as one update diff when its status or fields
+    /// changed. Otherwise it is a plain join.
+    pub fn join(&mut self, key: &Key, arrival: Arrival, new_ref: Ref) -> JoinOutcome {
         let metas = self.entries.entry(key.clone()).or_default();
         let replaced = metas
             .iter()
@@ -323,33 +335,77 @@ impl PresenceSet {
                     .position(|e| e.ghost_until.is_some() && e.meta.device == arrival.device)
             });
         let mut diff = Diff::default();
-        let mut meta = arrival.into_meta(new_ref);
-        match replaced {
-            Some(i) => {
-                let old = metas.remove(i);
-                if old.ghost_until.is_some() {
-                    self.ghosts -= 1;
-                }
-                meta.online_at = meta.online_at.min(old.meta.online_at);
-                meta.phx_ref_prev = Some(old.meta.phx_ref);
-                diff.joins.push((key.clone(), meta.clone()));
-                diff.leaves.push((key.clone(), old.meta));
-                meta.phx_ref_prev = None;
-                metas.push(Entry {
-                    meta,
-                    ghost_until: None,
-                });
-            }
-            None => {
-                diff.joins.push((key.clone(), meta.clone()));
-                metas.push(Entry {
-                    meta,
-                    ghost_until: None,
-                });
-                self.metas += 1;
-            }
+        let Some(i) = replaced else {
+            let meta = arrival.into_meta(new_ref);
+            diff.joins.push((key.clone(), meta.clone()));
+            metas.push(Entry {
+                meta,
+                ghost_until: None,
+            });
+            self.metas += 1;
+            return JoinOutcome {
+                diff,
+                phx_ref: new_ref,
+                replaced: None,
+            };
+        };
+        let old = metas.remove(i);
+        let was_ghost = old.ghost_until.is_some();
+        if was_ghost {
+            self.ghosts -= 1;
         }
-        diff
+        let unchanged = was_ghost
+            && old.meta.session != arrival.session
+            && old.meta.status == arrival.status
+            && old.meta.fields == arrival.fields;
+        let phx_ref = if unchanged { old.meta.phx_ref } else { new_ref };
+        let mut meta = arrival.into_meta(phx_ref);
+        meta.online_at = meta.online_at.min(old.meta.online_at);
+        if !unchanged {
+            meta.phx_ref_prev = Some(old.meta.phx_ref);
+            diff.joins.push((key.clone(), meta.clone()));
+            meta.phx_ref_prev = None;
+        }
+        let replaced = (old.meta.session != meta.session).then_some(old.meta.session);
+        if !unchanged {
+            diff.leaves.push((key.clone(), old.meta));
+        }
+        metas.push(Entry {
+            meta,
+            ghost_until: None,
+        });
+        JoinOutcome {
+            diff,
+            phx_ref,
+            replaced,
+        }
+    }
+
+    /// Puts a meta back as a ghost that leaves at `until` unless its device reconnects first:
+    /// used when a node restarts from its last snapshot.
+    pub fn restore_ghost(&mut self, key: &Key, meta: Meta, until: i64) {
+        let metas = self.entries.entry(key.clone()).or_default();
+        if let Some(e) = metas.iter_mut().find(|e| e.meta.session == meta.session) {
+            if e.ghost_until.is_none() {
+                self.ghosts += 1;
+            }
+            e.meta = meta;
+            e.ghost_until = Some(until);
+            return;
+        }
+        metas.push(Entry {
+            meta,
+            ghost_until: Some(until),
+        });
+        self.metas += 1;
+        self.ghosts += 1;
+    }
+
+    /// Every meta with its ghost deadline (`None` for a live session), for snapshots.
+    pub fn entries(&self) -> impl Iterator<Item = (&Key, &Meta, Option<i64>)> {
+        self.entries
+            .iter()
+            .flat_map(|(k, v)| v.iter().map(move |e| (k, &e.meta, e.ghost_until)))
     }
 
     /// Puts back a meta exactly as it was (same ref), without telling anyone: used when an actor

@@ -18,6 +18,7 @@ use crate::metrics::Metrics;
 use crate::presence::{IdGen, Key, SessionId};
 use crate::protocol::Reason;
 use crate::room::{RoomActor, RoomSpec};
+use crate::snapshot::Restore;
 
 /// Which supervised actor died.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -253,6 +254,30 @@ impl Registry {
         addr
     }
 
+    /// The live room actor for `(account, room)`, or a new one within the account's room limit.
+    fn ensure_room(
+        &mut self,
+        account: &Arc<str>,
+        room: &Arc<str>,
+        me: Addr<Registry>,
+    ) -> Result<Addr<RoomActor>, Reason> {
+        let key = (account.clone(), room.clone());
+        if let Some(slot) = self.rooms.get(&key) {
+            if slot.addr.connected() {
+                return Ok(slot.addr.clone());
+            }
+        }
+        let count = self.rooms_per_account.get(account).copied().unwrap_or(0);
+        let replacing = self.rooms.contains_key(&key);
+        if !replacing && count >= self.cfg.limits.max_rooms_per_account {
+            return Err(Reason::RoomLimit);
+        }
+        if !replacing {
+            *self.rooms_per_account.entry(account.clone()).or_default() += 1;
+        }
+        Ok(self.start_room(account, room, me, None))
+    }
+
     /// Asks every live session of `account` for its stake, with a deadline, and hands the
     /// answers to the restarted actor.
     /// `everyone`: ask all sessions, not only the account's own (dashboards of staff follow
@@ -381,28 +406,7 @@ impl Handler<ResolveRoom> for Registry {
         if self.shutting_down {
             return Err(Reason::ServerShutdown);
         }
-        let key = (msg.account.clone(), msg.room.clone());
-        if let Some(slot) = self.rooms.get(&key) {
-            if slot.addr.connected() {
-                return Ok(slot.addr.clone());
-            }
-        }
-        let count = self
-            .rooms_per_account
-            .get(&msg.account)
-            .copied()
-            .unwrap_or(0);
-        let replacing = self.rooms.contains_key(&key);
-        if !replacing && count >= self.cfg.limits.max_rooms_per_account {
-            return Err(Reason::RoomLimit);
-        }
-        if !replacing {
-            *self
-                .rooms_per_account
-                .entry(msg.account.clone())
-                .or_default() += 1;
-        }
-        Ok(self.start_room(&msg.account, &msg.room, ctx.address(), None))
+        self.ensure_room(&msg.account, &msg.room, ctx.address())
     }
 }
 
@@ -516,6 +520,55 @@ impl Handler<ActorDown> for Registry {
                 );
             }
         }
+    }
+}
+
+/// Every live account and room actor, for a snapshot.
+#[derive(Message)]
+#[rtype(result = "Targets")]
+pub struct SnapshotTargets;
+
+pub struct Targets {
+    pub accounts: Vec<Addr<AccountActor>>,
+    pub rooms: Vec<Addr<RoomActor>>,
+}
+
+impl Handler<SnapshotTargets> for Registry {
+    type Result = MessageResult<SnapshotTargets>;
+
+    fn handle(&mut self, _: SnapshotTargets, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(Targets {
+            accounts: self.accounts.values().map(|s| s.addr.clone()).collect(),
+            rooms: self.rooms.values().map(|s| s.addr.clone()).collect(),
+        })
+    }
+}
+
+impl Handler<Restore> for Registry {
+    type Result = MessageResult<Restore>;
+
+    fn handle(&mut self, msg: Restore, ctx: &mut Context<Self>) -> Self::Result {
+        let ghosts = msg.sessions.len();
+        let (accounts, rooms) = crate::snapshot::group(msg.sessions);
+        for (account, restore) in accounts {
+            self.ensure_account(&account, ctx.address())
+                .do_send(restore);
+        }
+        let mut started = 0;
+        for ((account, room), restore) in rooms {
+            match self.ensure_room(&account, &room, ctx.address()) {
+                Ok(addr) => {
+                    started += 1;
+                    addr.do_send(restore);
+                }
+                Err(reason) => log::warn!(
+                    "restore: room {account}/{room} not restored ({}): its {} ghost(s) are dropped",
+                    reason.as_str(),
+                    restore.ghosts.len()
+                ),
+            }
+        }
+        MessageResult((ghosts, started))
     }
 }
 

@@ -24,6 +24,7 @@ use crate::now_ms;
 use crate::presence::{Departure, Diff, IdGen, PresenceSet, Ref};
 use crate::protocol::{self, Reason};
 use crate::registry::{ActorDown, DownKind, Registry, RoomIdle};
+use crate::snapshot::{RestoreGhosts, RoomSnapshot, SnapshotRoom};
 use crate::supervision::DeathNotice;
 
 pub struct RoomActor {
@@ -228,8 +229,9 @@ impl Handler<Join> for RoomActor {
         if !known && self.subs.len() >= self.cfg.limits.max_room_members {
             return Err(Reason::RoomFull);
         }
-        let phx_ref: Ref = self.ids.next_ref();
-        let diff = self.presence.join(&msg.user, msg.arrival, phx_ref);
+        let out = self
+            .presence
+            .join(&msg.user, msg.arrival, self.ids.next_ref());
         self.metrics.joins.inc();
         self.subs.insert(
             session,
@@ -238,11 +240,11 @@ impl Handler<Join> for RoomActor {
                 to: msg.to,
             },
         );
-        self.emit(diff, Some(session));
+        self.emit(out.diff, Some(session));
         self.arm_expiry(ctx);
         self.check_idle(ctx);
         Ok(Joined {
-            phx_ref,
+            phx_ref: out.phx_ref,
             state: self.state_frame(),
         })
     }
@@ -353,6 +355,36 @@ impl Handler<Occupancy> for RoomActor {
 
     fn handle(&mut self, _: Occupancy, _: &mut Context<Self>) -> Self::Result {
         MessageResult((self.presence.keys(), self.presence.metas()))
+    }
+}
+
+impl Handler<SnapshotRoom> for RoomActor {
+    type Result = MessageResult<SnapshotRoom>;
+
+    fn handle(&mut self, _: SnapshotRoom, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(RoomSnapshot {
+            account: self.account.clone(),
+            room: self.name.clone(),
+            members: self
+                .presence
+                .entries()
+                .map(|(k, m, g)| (k.clone(), m.clone(), g))
+                .collect(),
+        })
+    }
+}
+
+impl Handler<RestoreGhosts> for RoomActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: RestoreGhosts, ctx: &mut Context<Self>) {
+        for (user, meta, until) in msg.ghosts {
+            self.presence.restore_ghost(&user, meta, until);
+        }
+        if let Some(until) = self.presence.next_expiry() {
+            self.schedule_expiry(ctx, until);
+        }
+        self.check_idle(ctx);
     }
 }
 

@@ -901,8 +901,21 @@ async function expectSingleSwap(ctx, to, u, oldRef, mark, t0, device, how){
   return nm
 }
 
-check("grace: same user reconnecting within grace with the same meta.device gets ONE swap diff (joins+leaves), never leave-then-join", async ctx => {
-  const g = await graceSetup(ctx, "recon", {device: "phone"})
+// A reconnect that comes back exactly as it left takes its ghost's place silently: same phx_ref,
+// no diff at all for anyone (no flapping), and no leave when the old grace runs out.
+async function expectSilentReclaim(ctx, to, u, oldRef, mark, t0, how){
+  await sleepUntil(t0 + GRACE + 1000) // timing is the point: nothing may come, not even when the old grace expires
+  const diffs = to.ev.since(mark, isDiffFor(u))
+  assertEq(diffs.length, 0, `diffs mentioning ${u} within grace + 1 s of ${how} (${show(diffs.map(e => e.payload))})`)
+  const metas = to.metasOf(u)
+  assert(metas && metas.length === 1 && metas[0].phx_ref === oldRef, () => `${u} must still be listed once with its old phx_ref ${oldRef}: ${show(metas)}`)
+  assertAlwaysPresent(to, u, mark, how)
+  ctx.note(`${how}: no diff, phx_ref kept`)
+}
+
+// The user of `g` joins, drops (socket.disconnect(), no phx_leave) and reconnects on a fresh socket
+// with `rejoinPayload`, within the grace window. Returns the first meta and the observer's mark.
+async function dropAndRejoin(ctx, g, rejoinPayload){
   const s1 = await openSocket(ctx, {label: "phone-1", token: g.token})
   const c1 = channelOf(s1, g.room, g.joinPayload)
   await joinOk(c1)
@@ -913,14 +926,26 @@ check("grace: same user reconnecting within grace with the same meta.device gets
   // let the close handshake finish, so the server has seen the drop before the new join
   await s1.ev.waitFor(e => e.kind === "close", Math.max(100, Math.floor(GRACE / 4)), "close").catch(() => {})
   const s2 = await openSocket(ctx, {label: "phone-2", token: g.token})
-  const c2 = channelOf(s2, g.room, g.joinPayload)
-  await joinOk(c2)
+  await joinOk(channelOf(s2, g.room, rejoinPayload))
   const tj = now() - t0
   assert(tj < GRACE, () => `internal: the reconnect took ${ms(tj)}, not within the grace window of ${GRACE} ms`)
-  await expectSingleSwap(ctx, g.to, g.u, m0[0].phx_ref, mark, t0, "phone", "reconnect with the same device")
+  return {m0, mark, t0}
+}
+
+check("grace: same user reconnecting within grace with the same meta.device and an unchanged meta causes NO diff at all and keeps its phx_ref", async ctx => {
+  const g = await graceSetup(ctx, "recon", {device: "phone"})
+  const {m0, mark, t0} = await dropAndRejoin(ctx, g, g.joinPayload)
+  await expectSilentReclaim(ctx, g.to, g.u, m0[0].phx_ref, mark, t0, "reconnect with the same device")
 }, 20000 + 2 * GRACE)
 
-check("grace: phoenix.js auto-reconnect after the transport is killed gets ONE swap diff and a fresh presence_state", async ctx => {
+check("grace: same device reconnecting within grace with a new status gets ONE swap diff (joins+leaves), never leave-then-join", async ctx => {
+  const g = await graceSetup(ctx, "reswap", {device: "phone"})
+  const {m0, mark, t0} = await dropAndRejoin(ctx, g, {...g.joinPayload, status: "away"})
+  const nm = await expectSingleSwap(ctx, g.to, g.u, m0[0].phx_ref, mark, t0, "phone", "reconnect with a new status")
+  assertEq(nm.status, "away", "status of the swapped-in meta")
+}, 20000 + 2 * GRACE)
+
+check("grace: phoenix.js auto-reconnect after the transport is killed causes no diff and gets a fresh presence_state", async ctx => {
   const g = await graceSetup(ctx, "auto", {device: "tab-auto"})
   const s = await openSocket(ctx, {label: "auto", token: g.token, reconnectAfterMs: () => 20})
   const ch = channelOf(s, g.room, g.joinPayload)
@@ -935,8 +960,8 @@ check("grace: phoenix.js auto-reconnect after the transport is killed gets ONE s
   s.conn.terminate() // the TCP connection dies without a close frame; phoenix.js reconnects and rejoins
   await ch.ev.waitFor(e => e.kind === "joined", GRACE, "phoenix.js to reconnect and rejoin within the grace window", joinMark)
   await tu.ev.waitFor(e => e.kind === "state", WAIT, "a presence_state for the rejoin (phoenix.js Presence buffers diffs until it comes)", selfMark)
-  await expectSingleSwap(ctx, g.to, g.u, m0[0].phx_ref, mark, t0, "tab-auto", "phoenix.js reconnect")
-  await until(() => { const m = tu.metasOf(g.u); return m && m.length === 1 }, WAIT, () => `the reconnected client lists itself once: ${show(tu.users())}`)
+  await expectSilentReclaim(ctx, g.to, g.u, m0[0].phx_ref, mark, t0, "phoenix.js reconnect")
+  await until(() => { const m = tu.metasOf(g.u); return m && m.length === 1 && m[0].phx_ref === m0[0].phx_ref }, WAIT, () => `the reconnected client lists itself once, with its kept ref: ${show(tu.users())}`)
 }, 20000 + 2 * GRACE)
 
 // ---- heartbeat and idle timeout -------------------------------------------------------------

@@ -48,7 +48,9 @@ fn refs_of(c: &ClientState, k: &str) -> Vec<String> {
 #[test]
 fn a_join_produces_a_join_diff_with_the_meta() {
     let mut set = PresenceSet::new();
-    let d = set.join(&key("u1"), arrival(1, "online", None), Ref(10));
+    let d = set
+        .join(&key("u1"), arrival(1, "online", None), Ref(10))
+        .diff;
     let v = json(&d);
     assert_eq!(v["joins"]["u1"]["metas"][0]["phx_ref"], "a");
     assert_eq!(v["joins"]["u1"]["metas"][0]["status"], "online");
@@ -105,19 +107,78 @@ fn a_dropped_session_stays_as_a_ghost_until_its_grace_ends() {
 }
 
 #[test]
-fn a_reconnect_of_the_same_device_within_grace_swaps_the_ghost_in_one_diff() {
+fn a_reconnect_of_the_same_device_within_grace_takes_the_ghosts_place_silently() {
     let mut set = PresenceSet::new();
     set.join(&key("u1"), arrival(1, "online", Some("phone")), Ref(1));
     set.join(&key("u1"), arrival(2, "online", Some("laptop")), Ref(2));
     set.leave("u1", SessionId(1), Departure::Grace { until: 5000 });
-    let d = set.join(&key("u1"), arrival(3, "online", Some("phone")), Ref(3));
+    let out = set.join(&key("u1"), arrival(3, "online", Some("phone")), Ref(3));
+    assert!(
+        out.diff.is_empty(),
+        "nobody hears of an unchanged reconnect"
+    );
+    assert_eq!(out.phx_ref, Ref(1), "the session keeps the ghost's ref");
+    assert_eq!(out.replaced, Some(SessionId(1)));
+    assert_eq!(set.meta_of("u1", SessionId(3)).unwrap().phx_ref, Ref(1));
+    assert!(set.meta_of("u1", SessionId(1)).is_none());
+    assert_eq!(set.ghosts(), 0);
+    assert_eq!(set.metas(), 2);
+    assert!(set.expire(10_000).is_empty());
+}
+
+#[test]
+fn a_reconnect_that_changed_its_status_swaps_the_ghost_in_one_diff() {
+    let mut set = PresenceSet::new();
+    set.join(&key("u1"), arrival(1, "online", Some("phone")), Ref(1));
+    set.leave("u1", SessionId(1), Departure::Grace { until: 5000 });
+    let out = set.join(&key("u1"), arrival(3, "away", Some("phone")), Ref(3));
+    let d = out.diff;
+    assert_eq!(out.phx_ref, Ref(3));
+    assert_eq!(out.replaced, Some(SessionId(1)));
     assert_eq!(d.joins.len(), 1);
     assert_eq!(d.leaves.len(), 1);
     assert_eq!(d.leaves[0].1.phx_ref, Ref(1));
     assert_eq!(d.joins[0].1.phx_ref_prev, Some(Ref(1)));
+    assert_eq!(&*d.joins[0].1.status, "away");
     assert_eq!(set.ghosts(), 0);
-    assert_eq!(set.metas(), 2);
+    assert_eq!(set.metas(), 1);
     assert!(set.expire(10_000).is_empty());
+}
+
+#[test]
+fn a_restored_ghost_is_present_until_its_deadline_and_reclaimed_silently() {
+    let mut set = PresenceSet::new();
+    let meta = arrival(7, "busy", Some("tab")).into_meta(Ref(70));
+    set.restore_ghost(&key("u1"), meta.clone(), 5000);
+    set.restore_ghost(
+        &key("u2"),
+        arrival(8, "online", None).into_meta(Ref(80)),
+        5000,
+    );
+    assert_eq!((set.keys(), set.metas(), set.ghosts()), (2, 2, 2));
+    assert_eq!(set.next_expiry(), Some(5000));
+    let ghosts: Vec<_> = set
+        .entries()
+        .map(|(k, m, g)| (k.to_string(), m.phx_ref, g))
+        .collect();
+    assert_eq!(
+        ghosts,
+        vec![
+            ("u1".into(), Ref(70), Some(5000)),
+            ("u2".into(), Ref(80), Some(5000))
+        ]
+    );
+    let out = set.join(&key("u1"), arrival(9, "busy", Some("tab")), Ref(90));
+    assert!(out.diff.is_empty());
+    assert_eq!(out.phx_ref, Ref(70));
+    let d = set.expire(5000);
+    assert_eq!(
+        d.leaves.len(),
+        1,
+        "only the ghost that did not come back leaves"
+    );
+    assert_eq!(&*d.leaves[0].0, "u2");
+    assert_eq!((set.keys(), set.metas(), set.ghosts()), (1, 1, 0));
 }
 
 #[test]
@@ -125,7 +186,9 @@ fn a_reconnect_of_another_device_does_not_take_the_ghosts_place() {
     let mut set = PresenceSet::new();
     set.join(&key("u1"), arrival(1, "online", Some("phone")), Ref(1));
     set.leave("u1", SessionId(1), Departure::Grace { until: 5000 });
-    let d = set.join(&key("u1"), arrival(2, "online", Some("laptop")), Ref(2));
+    let d = set
+        .join(&key("u1"), arrival(2, "online", Some("laptop")), Ref(2))
+        .diff;
     assert!(d.leaves.is_empty());
     assert_eq!(set.metas(), 2);
     assert_eq!(set.expire(5000).leaves.len(), 1);
@@ -135,7 +198,7 @@ fn a_reconnect_of_another_device_does_not_take_the_ghosts_place() {
 fn a_duplicate_join_of_the_same_session_is_an_update_not_a_second_meta() {
     let mut set = PresenceSet::new();
     set.join(&key("u1"), arrival(1, "online", None), Ref(1));
-    let d = set.join(&key("u1"), arrival(1, "busy", None), Ref(2));
+    let d = set.join(&key("u1"), arrival(1, "busy", None), Ref(2)).diff;
     assert_eq!(d.joins.len(), 1);
     assert_eq!(d.leaves.len(), 1);
     assert_eq!(set.metas(), 1);
@@ -160,7 +223,7 @@ fn reserved_keys_in_fields_never_override_server_owned_ones() {
     let mut set = PresenceSet::new();
     let mut a = arrival(1, "online", None);
     a.fields = Arc::new(fields);
-    let d = set.join(&key("u1"), a, Ref(1));
+    let d = set.join(&key("u1"), a, Ref(1)).diff;
     let v = json(&d);
     let m = &v["joins"]["u1"]["metas"][0];
     assert_eq!(m["status"], "online");
@@ -183,7 +246,9 @@ fn pages_walk_keys_in_order_after_the_cursor() {
 #[test]
 fn merging_a_join_and_its_leave_cancels_both() {
     let mut set = PresenceSet::new();
-    let mut d = set.join(&key("u1"), arrival(1, "online", None), Ref(1));
+    let mut d = set
+        .join(&key("u1"), arrival(1, "online", None), Ref(1))
+        .diff;
     d.merge(set.leave("u1", SessionId(1), Departure::Now));
     assert!(d.is_empty());
 }
@@ -304,6 +369,7 @@ proptest! {
                         arrival(session as u64, "online", Some(devices[device as usize])),
                         Ref(next_ref),
                     )
+                    .diff
                 }
                 Op::Leave { session } => match sessions.get(&session) {
                     Some((u, true)) => {
