@@ -57,17 +57,25 @@ impl From<r2d2::Error> for StoreError {
     }
 }
 
-/// SQLite reports a busy database, a full disk or a vanished file as plain errors; they say
-/// "try again later", not "your request is wrong".
+/// SQLite reports a busy database, a full disk or a vanished file as plain errors, and libpq a
+/// server that went away mid-query; they say "try again later", not "your request is wrong".
 fn is_unavailable_message(message: &str) -> bool {
-    const TRANSIENT: [&str; 5] = [
+    const SQLITE: [&str; 5] = [
         "database is locked",
         "database table is locked",
         "disk I/O error",
         "database or disk is full",
         "unable to open database file",
     ];
-    TRANSIENT.iter().any(|t| message.starts_with(t))
+    const POSTGRES: [&str; 6] = [
+        "server closed the connection unexpectedly",
+        "terminating connection due to administrator command",
+        "no connection to the server",
+        "could not receive data from server",
+        "could not send data to server",
+        "the database system is shutting down",
+    ];
+    SQLITE.iter().any(|t| message.starts_with(t)) || POSTGRES.iter().any(|t| message.contains(t))
 }
 
 /// Names the column(s) behind a unique violation: `"email"`, `"token_hash"`, `"id"`.

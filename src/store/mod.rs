@@ -1,42 +1,111 @@
-//! The persistence layer: a blocking API over an r2d2 pool of Diesel connections.
+//! The persistence layer: a blocking API over an r2d2 pool of Diesel connections, on SQLite or
+//! PostgreSQL, chosen by the URL's scheme.
 //!
 //! Every method blocks on the database, so callers run it inside `web::block` or a `SyncArbiter`,
-//! never on an actor's or an HTTP worker's thread. Queries use only Diesel DSL that works on
-//! SQLite and PostgreSQL alike, so adding PostgreSQL means changing the `DbConn` alias and
-//! `connect.rs`. That rules out raw SQL and two things Diesel's `MultiConnection` cannot express:
-//! `ON CONFLICT` and `RETURNING` (writes that return a row read it back in the same
-//! transaction, write first so that SQLite takes its write lock where `busy_timeout` applies).
-//! Timestamps are unix milliseconds; ids are text made by [`new_id`].
+//! never on an actor's or an HTTP worker's thread. Queries are written once against [`DbConn`],
+//! a `MultiConnection` over both backends, in the Diesel DSL the two share. What that common
+//! subset cannot say (`ON CONFLICT` upserts) is written with [`on_backend!`], which expands one
+//! Diesel expression for each backend's own connection, so there is still one copy of the code;
+//! the one hand-written statement is PostgreSQL's bulk snapshot upsert (see `snapshots.rs`). Writes that return a row read it back in the same
+//! transaction, write first so that SQLite takes its write lock where `busy_timeout` applies;
+//! transactions that read before they write use [`write_transaction`] (`BEGIN IMMEDIATE` on
+//! SQLite). Timestamps are unix milliseconds; ids are text made by [`new_id`].
 
 mod connect;
 mod error;
 pub mod models;
 pub mod schema;
+mod snapshots;
+#[doc(hidden)]
+pub mod testdb;
 #[cfg(test)]
 mod tests;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::time::Duration;
 
+use diesel::connection::{AnsiTransactionManager, TransactionManager};
 use diesel::prelude::*;
 use diesel::sql_types::Integer;
+use diesel::upsert::excluded;
 use diesel::IntoSql;
 use rand::Rng;
 
+pub use connect::redact as redact_database_url;
 pub use error::StoreError;
 pub use models::{
     Account, AuditLog, NewAccount, NewAuditLog, NewRefreshToken, NewUser, Plan, RefreshToken, User,
+};
+pub use snapshots::{
+    Interval, IntervalClose, IntervalOpen, PruneReport, RetentionPolicy, Sample, SessionSnapshot,
+    SnapshotBatch,
 };
 
 use models::AccountChanges;
 use schema::{accounts, audit_logs, plans, refresh_tokens, server_keys, user_presence, users};
 
-/// The connection type every query is written against. Becomes a
-/// `#[derive(diesel::MultiConnection)]` enum when PostgreSQL support lands.
-pub type DbConn = diesel::SqliteConnection;
+/// Which backend `url` names, `"postgres"` or `"sqlite"`, or why it names none: an unknown
+/// scheme, a PostgreSQL URL that does not parse or names no host. Connects to nothing; the
+/// message never repeats a password. For validating configuration before start-up.
+pub fn database_backend(url: &str) -> Result<&'static str, String> {
+    match connect::Target::parse(url) {
+        Ok(target) => Ok(target.backend()),
+        Err(StoreError::Other(message)) => Err(message),
+        Err(other) => Err(other.to_string()),
+    }
+}
+
+/// The connection every query is written against: PostgreSQL or SQLite, as the URL says.
+#[derive(diesel::MultiConnection)]
+pub enum DbConn {
+    Pg(diesel::PgConnection),
+    Sqlite(diesel::SqliteConnection),
+}
 
 /// The pool the store draws connections from.
-pub type Pool = r2d2::Pool<diesel::r2d2::ConnectionManager<DbConn>>;
+pub(crate) type Pool = r2d2::Pool<connect::Manager>;
+
+/// Runs `$body` with `$c` bound to the backend's own connection (`&mut PgConnection` or
+/// `&mut SqliteConnection`), for statements the shared `DbConn` cannot express. The body is
+/// written once and compiled for each backend.
+macro_rules! on_backend {
+    ($conn:expr, |$c:ident| $body:expr) => {
+        match $conn {
+            $crate::store::DbConn::Pg($c) => $body,
+            $crate::store::DbConn::Sqlite($c) => $body,
+        }
+    };
+}
+pub(crate) use on_backend;
+
+/// Runs `f` in a transaction that may write after it reads: `BEGIN IMMEDIATE` on SQLite, which
+/// takes the write lock up front, where `busy_timeout` applies (a deferred transaction that
+/// reads first fails at its first write if another connection wrote meanwhile); plain `BEGIN` on
+/// PostgreSQL. Commits if `f` succeeds, rolls back otherwise.
+pub(crate) fn write_transaction<T>(
+    conn: &mut DbConn,
+    f: impl FnOnce(&mut DbConn) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    match conn {
+        DbConn::Sqlite(c) => AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE")?,
+        DbConn::Pg(_) => <DbConn as Connection>::TransactionManager::begin_transaction(conn)?,
+    }
+    match f(conn) {
+        Ok(value) => {
+            <DbConn as Connection>::TransactionManager::commit_transaction(conn)?;
+            Ok(value)
+        }
+        Err(e) => {
+            if let Err(rollback) =
+                <DbConn as Connection>::TransactionManager::rollback_transaction(conn)
+            {
+                log::warn!("store: rollback failed after {e}: {rollback}");
+            }
+            Err(e)
+        }
+    }
+}
 
 /// Random characters in an id after its prefix: 36^16 ≈ 2^82 possibilities.
 const ID_RANDOM_LEN: usize = 16;
@@ -46,7 +115,7 @@ const ID_ALPHABET: &[u8; 36] = b"abcdefghijklmnopqrstuvwxyz0123456789";
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
-    /// `"sqlite"` today; reported by `/readyz` and logs.
+    /// `"postgres"` or `"sqlite"`; reported by `/readyz` and logs.
     backend: &'static str,
 }
 
@@ -62,20 +131,27 @@ impl fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) and migrates the database at `url`: `sqlite://data/presenced.db`,
-    /// `sqlite:///abs/path.db`, `sqlite::memory:` or a bare path. The parent directory of a file
-    /// is created. `pool_size` connections are pooled (at least one; exactly one for an in-memory
-    /// database, which exists only inside its connection). Every connection gets WAL,
-    /// `busy_timeout = 5000`, `foreign_keys = ON` and `synchronous = NORMAL`.
+    /// Opens and migrates the database at `url`.
     ///
-    /// A failed migration is `StoreError::Migration` naming the migration and the database's
-    /// message; nothing of it is applied.
+    /// PostgreSQL: `postgres://user:password@host:5432/db` (or `postgresql://`); the server must
+    /// be reachable, or this is `StoreError::Unavailable` naming `host:port` and libpq's reason
+    /// (never the password). Pooled connections are checked on checkout, so the pool survives
+    /// the server restarting; a checkout waits at most 2 s.
+    ///
+    /// SQLite: `sqlite://data/presenced.db`, `sqlite:///abs/path.db`, `sqlite::memory:` or a bare
+    /// path. The parent directory of a file is created. Every connection gets WAL,
+    /// `busy_timeout = 5000`, `foreign_keys = ON` and `synchronous = NORMAL`. An in-memory
+    /// database exists only inside its connection, so its pool holds exactly one.
+    ///
+    /// `pool_size` connections at most are pooled (at least one). Pending migrations run in one
+    /// transaction; a failure is `StoreError::Migration` naming the migration and the
+    /// database's message, and nothing of any of them is applied.
     pub fn open(url: &str, pool_size: u32) -> Result<Store, StoreError> {
         let target = connect::Target::parse(url)?;
         let pool = connect::open_pool(&target, pool_size)?;
         Ok(Store {
             pool,
-            backend: "sqlite",
+            backend: target.backend(),
         })
     }
 
@@ -87,7 +163,15 @@ impl Store {
         })
     }
 
-    /// The database kind behind this store: `"sqlite"`.
+    /// Checks that a connection can be had within `timeout` and answers a query; for `/readyz`,
+    /// which should not hang for the pool's whole checkout timeout.
+    pub fn ping_within(&self, timeout: Duration) -> Result<(), StoreError> {
+        let mut conn = self.pool.get_timeout(timeout)?;
+        diesel::select(1_i32.into_sql::<Integer>()).get_result::<i32>(&mut *conn)?;
+        Ok(())
+    }
+
+    /// The database kind behind this store: `"postgres"` or `"sqlite"`.
     pub fn backend(&self) -> &'static str {
         self.backend
     }
@@ -415,42 +499,11 @@ impl Store {
 
     /// Records last-seen times (account id, user id, unix ms) in one transaction, keeping the
     /// later time where a row exists. Duplicate keys in `rows` are fine.
-    ///
-    /// Written without `ON CONFLICT` (see the module docs): an UPDATE that only moves the time
-    /// forward, and an INSERT where no row was there. The UPDATE comes first so that SQLite
-    /// takes the write lock at the start of the transaction, where `busy_timeout` applies. If
-    /// another writer inserts one of the same keys concurrently (several nodes on one
-    /// PostgreSQL), the batch is retried once and then finds the row.
     pub fn upsert_last_seen(&self, rows: &[(String, String, i64)]) -> Result<(), StoreError> {
-        // One entry per key, holding its latest time; sorted, so concurrent batches lock rows in
-        // the same order and cannot deadlock each other.
-        let mut latest: BTreeMap<(&str, &str), i64> = BTreeMap::new();
-        for (account_id, user_id, seen) in rows {
-            let entry = latest
-                .entry((account_id.as_str(), user_id.as_str()))
-                .or_insert(*seen);
-            *entry = (*entry).max(*seen);
-        }
-        if latest.is_empty() {
+        if rows.is_empty() {
             return Ok(());
         }
-        self.with_conn(|conn| {
-            let attempt = |conn: &mut DbConn| {
-                conn.transaction(|conn| {
-                    for (&(account_id, user_id), &seen) in &latest {
-                        upsert_one_last_seen(conn, account_id, user_id, seen)?;
-                    }
-                    Ok::<_, StoreError>(())
-                })
-            };
-            match attempt(conn) {
-                Err(StoreError::Conflict(_)) => {
-                    log::debug!("store: last_seen batch raced another writer; retrying once");
-                    attempt(conn)
-                }
-                other => other,
-            }
-        })
+        self.with_conn(|conn| conn.transaction(|conn| upsert_last_seen_rows(conn, rows)))
     }
 
     /// The last-seen time of one end user of an account, if any was recorded.
@@ -472,27 +525,56 @@ fn find_account(conn: &mut DbConn, id: &str) -> Result<Account, StoreError> {
         .first(conn)?)
 }
 
-fn upsert_one_last_seen(
+/// How many bind parameters one statement may carry: PostgreSQL's protocol caps them at 65 535,
+/// SQLite (3.32 and later, as bundled) at 32 766.
+fn max_binds(conn: &DbConn) -> usize {
+    match conn {
+        DbConn::Pg(_) => 65_535,
+        DbConn::Sqlite(_) => 32_766,
+    }
+}
+
+/// Rows per multi-row statement for a table of `columns` bound columns.
+fn rows_per_statement(conn: &DbConn, columns: usize) -> usize {
+    (max_binds(conn) / columns.max(1)).max(1)
+}
+
+/// Upserts last-seen times keeping the latest, inside the caller's transaction: one entry per
+/// key (a PostgreSQL upsert may not touch a row twice), in key order (so that concurrent
+/// writers lock rows in the same order and cannot deadlock), in multi-row `INSERT … ON CONFLICT
+/// DO UPDATE` statements that keep the later time.
+fn upsert_last_seen_rows(
     conn: &mut DbConn,
-    account_id: &str,
-    user_id: &str,
-    seen: i64,
+    rows: &[(String, String, i64)],
 ) -> Result<(), StoreError> {
-    let key = user_presence::table.find((account_id, user_id));
-    let moved = diesel::update(key.filter(user_presence::last_seen.lt(seen)))
-        .set(user_presence::last_seen.eq(seen))
-        .execute(conn)?;
-    if moved == 0 {
-        let exists: bool = diesel::select(diesel::dsl::exists(key)).get_result(conn)?;
-        if !exists {
-            diesel::insert_into(user_presence::table)
-                .values((
-                    user_presence::account_id.eq(account_id),
-                    user_presence::user_id.eq(user_id),
-                    user_presence::last_seen.eq(seen),
-                ))
-                .execute(conn)?;
-        }
+    use diesel::dsl::case_when;
+    use user_presence::dsl::{account_id, last_seen, user_id};
+    let mut latest: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+    for (account, user, seen) in rows {
+        let entry = latest
+            .entry((account.as_str(), user.as_str()))
+            .or_insert(*seen);
+        *entry = (*entry).max(*seen);
+    }
+    let values: Vec<_> = latest
+        .iter()
+        .map(|(&(account, user), &seen)| {
+            (account_id.eq(account), user_id.eq(user), last_seen.eq(seen))
+        })
+        .collect();
+    for chunk in values.chunks(rows_per_statement(conn, 3)) {
+        on_backend!(&mut *conn, |c| diesel::insert_into(user_presence::table)
+            .values(chunk)
+            .on_conflict((account_id, user_id))
+            .do_update()
+            // SQLite's multi-row upsert takes no `WHERE`: keep the max with a CASE instead.
+            .set(
+                last_seen.eq(
+                    case_when(excluded(last_seen).gt(last_seen), excluded(last_seen))
+                        .otherwise(last_seen)
+                )
+            )
+            .execute(c))?;
     }
     Ok(())
 }

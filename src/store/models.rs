@@ -20,7 +20,7 @@ fn redact_opt<T>(value: &Option<T>) -> Option<&'static str> {
 
 /// A billing plan and its limits; the rows are seeded by the first migration.
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Identifiable, serde::Serialize)]
-#[diesel(table_name = plans, check_for_backend(diesel::sqlite::Sqlite))]
+#[diesel(table_name = plans, check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
 pub struct Plan {
     /// `"free"`, `"pro"` or `"enterprise"`.
     pub id: String,
@@ -32,7 +32,7 @@ pub struct Plan {
 
 /// A tenant: the customer whose backend mints end-user tokens with `signing_secret`.
 #[derive(Clone, PartialEq, Eq, Queryable, Selectable, Identifiable)]
-#[diesel(table_name = accounts, check_for_backend(diesel::sqlite::Sqlite))]
+#[diesel(table_name = accounts, check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
 pub struct Account {
     pub id: String,
     pub name: String,
@@ -87,7 +87,7 @@ impl fmt::Debug for Account {
 
 /// An account to create; ids come from [`super::new_id`], times are unix ms.
 #[derive(Clone, Insertable)]
-#[diesel(table_name = accounts, check_for_backend(diesel::sqlite::Sqlite))]
+#[diesel(table_name = accounts, check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
 pub struct NewAccount<'a> {
     pub id: &'a str,
     pub name: &'a str,
@@ -116,7 +116,7 @@ impl fmt::Debug for NewAccount<'_> {
 
 /// The fields `update_account` may change; `None` leaves a column as it is.
 #[derive(AsChangeset)]
-#[diesel(table_name = accounts, check_for_backend(diesel::sqlite::Sqlite))]
+#[diesel(table_name = accounts, check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
 pub(crate) struct AccountChanges<'a> {
     pub name: Option<&'a str>,
     pub plan_id: Option<&'a str>,
@@ -127,7 +127,7 @@ pub(crate) struct AccountChanges<'a> {
 
 /// A dashboard user: an admin (no account) or an owner, member or viewer of one account.
 #[derive(Clone, PartialEq, Eq, Queryable, Selectable, Identifiable)]
-#[diesel(table_name = users, check_for_backend(diesel::sqlite::Sqlite))]
+#[diesel(table_name = users, check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
 pub struct User {
     pub id: String,
     /// Stored lowercased, so that lookups are case-insensitive on both backends.
@@ -158,7 +158,7 @@ impl fmt::Debug for User {
 
 /// A user to create; `create_user` lowercases `email` before storing it. New users are enabled.
 #[derive(Clone, Insertable)]
-#[diesel(table_name = users, check_for_backend(diesel::sqlite::Sqlite))]
+#[diesel(table_name = users, check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
 pub struct NewUser<'a> {
     pub id: &'a str,
     pub email: &'a str,
@@ -185,7 +185,7 @@ impl fmt::Debug for NewUser<'_> {
 /// One refresh token of a rotation family. Only its hash is stored: a database leak must not
 /// hand out live tokens.
 #[derive(Clone, PartialEq, Eq, Queryable, Selectable, Identifiable)]
-#[diesel(table_name = refresh_tokens, check_for_backend(diesel::sqlite::Sqlite))]
+#[diesel(table_name = refresh_tokens, check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
 pub struct RefreshToken {
     pub id: String,
     pub user_id: String,
@@ -218,7 +218,7 @@ impl fmt::Debug for RefreshToken {
 
 /// A refresh token to store; it starts neither spent nor revoked.
 #[derive(Clone, Insertable)]
-#[diesel(table_name = refresh_tokens, check_for_backend(diesel::sqlite::Sqlite))]
+#[diesel(table_name = refresh_tokens, check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
 pub struct NewRefreshToken<'a> {
     pub id: &'a str,
     pub user_id: &'a str,
@@ -244,7 +244,7 @@ impl fmt::Debug for NewRefreshToken<'_> {
 
 /// One entry of the audit log.
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Identifiable, serde::Serialize)]
-#[diesel(table_name = audit_logs, check_for_backend(diesel::sqlite::Sqlite))]
+#[diesel(table_name = audit_logs, check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
 pub struct AuditLog {
     /// Assigned by the database, increasing; breaks ties between entries of the same ms.
     pub id: i64,
@@ -264,7 +264,7 @@ pub struct AuditLog {
 
 /// An audit entry to append; the database assigns its id.
 #[derive(Debug, Clone, Insertable)]
-#[diesel(table_name = audit_logs, check_for_backend(diesel::sqlite::Sqlite))]
+#[diesel(table_name = audit_logs, check_for_backend(diesel::pg::Pg, diesel::sqlite::Sqlite))]
 pub struct NewAuditLog<'a> {
     pub at: i64,
     pub account_id: Option<&'a str>,

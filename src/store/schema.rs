@@ -38,6 +38,49 @@ diesel::table! {
 }
 
 diesel::table! {
+    presence_intervals (id) {
+        id -> BigInt,
+        node_id -> Text,
+        account_id -> Text,
+        room -> Text,
+        user_id -> Text,
+        session_id -> Text,
+        joined_at -> BigInt,
+        left_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    presence_samples (id) {
+        id -> BigInt,
+        node_id -> Text,
+        account_id -> Text,
+        room -> Text,
+        at -> BigInt,
+        resolution_ms -> BigInt,
+        users -> BigInt,
+        connections -> BigInt,
+    }
+}
+
+diesel::table! {
+    presence_snapshots (node_id, session_id) {
+        node_id -> Text,
+        account_id -> Text,
+        session_id -> Text,
+        user_id -> Text,
+        phx_ref -> Text,
+        status -> Text,
+        device -> Nullable<Text>,
+        online_at -> BigInt,
+        meta -> Text,
+        rooms -> Text,
+        ghost_until -> Nullable<BigInt>,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
     refresh_tokens (id) {
         id -> Text,
         user_id -> Text,
@@ -55,6 +98,18 @@ diesel::table! {
         id -> Text,
         secret -> Text,
         created_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    usage_metrics (account_id, minute) {
+        account_id -> Text,
+        minute -> BigInt,
+        peak_connections -> BigInt,
+        connection_seconds -> BigInt,
+        messages_in -> BigInt,
+        messages_out -> BigInt,
+        joins -> BigInt,
     }
 }
 
@@ -86,8 +141,12 @@ diesel::allow_tables_to_appear_in_same_query!(
     accounts,
     audit_logs,
     plans,
+    presence_intervals,
+    presence_samples,
+    presence_snapshots,
     refresh_tokens,
     server_keys,
+    usage_metrics,
     user_presence,
     users,
 );

@@ -1,23 +1,98 @@
-//! Unit tests of the store against real SQLite files in temporary directories.
+//! Unit tests of the store. Most run once per backend: on a SQLite file in a fresh directory
+//! and on a fresh PostgreSQL database (skipped outside CI when no server is reachable; see
+//! [`super::testdb`]).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
+use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::result::{DatabaseErrorInformation, DatabaseErrorKind, Error as DieselError};
 use tempfile::TempDir;
 
-use super::connect::{run_migrations, Target};
+use super::connect::{run_pg_migrations, run_sqlite_migrations, Target};
 use super::error::conflict_target;
+use super::testdb::TempDatabase;
 use super::*;
 
 const T0: i64 = 1_800_000_000_000;
 
-/// A store on a fresh file; the `TempDir` must outlive it.
-fn file_store() -> (TempDir, Store) {
-    let dir = TempDir::new().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("presenced.db").display());
-    let store = Store::open(&url, 4).unwrap();
-    (dir, store)
+/// A migrated store on a fresh database, and that database (dropped after the store).
+struct Db {
+    store: Store,
+    temp: TempDatabase,
+}
+
+impl Db {
+    fn open(temp: TempDatabase) -> Db {
+        let store = Store::open(temp.url(), 4).unwrap();
+        Db { store, temp }
+    }
+
+    fn sqlite() -> Db {
+        Db::open(TempDatabase::sqlite())
+    }
+
+    fn postgres() -> Option<Db> {
+        TempDatabase::postgres().map(Db::open)
+    }
+
+    /// A second store on the same database, as after a restart or on another node.
+    fn reopen(&self, pool_size: u32) -> Store {
+        Store::open(self.temp.url(), pool_size).unwrap()
+    }
+
+    /// Runs SQL outside the store's API, to set up or inspect what a test needs.
+    fn sql(&self, sql: &str) {
+        self.store.pool.get().unwrap().batch_execute(sql).unwrap();
+    }
+
+    /// How many rows `table` holds.
+    fn count(&self, table: &str) -> i64 {
+        #[derive(QueryableByName)]
+        struct Count {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        diesel::sql_query(format!("SELECT COUNT(*) AS n FROM {table}"))
+            .get_result::<Count>(&mut *self.store.pool.get().unwrap())
+            .unwrap()
+            .n
+    }
+}
+
+impl std::ops::Deref for Db {
+    type Target = Store;
+    fn deref(&self) -> &Store {
+        &self.store
+    }
+}
+
+/// Turns each `fn name(db: Db) { … }` into a module `name` with two tests, `sqlite` and
+/// `postgres`, that run the body on a fresh store of that backend.
+macro_rules! on_both_backends {
+    ($( $(#[$meta:meta])* fn $name:ident($db:ident: Db) $body:block )*) => {$(
+        $(#[$meta])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            fn run($db: Db) $body
+
+            #[test]
+            fn sqlite() {
+                run(Db::sqlite());
+            }
+
+            #[test]
+            fn postgres() {
+                match Db::postgres() {
+                    Some(db) => run(db),
+                    None => eprintln!("skipped {} on postgres", stringify!($name)),
+                }
+            }
+        }
+    )*};
 }
 
 fn new_account<'a>(id: &'a str, name: &'a str, created_at: i64) -> NewAccount<'a> {
@@ -64,31 +139,14 @@ fn new_token<'a>(
     }
 }
 
-/// A store with one account `acc_1` and one owner `usr_1` in it.
-fn store_with_user() -> (TempDir, Store) {
-    let (dir, store) = file_store();
+/// Adds account `acc_1` and its owner `usr_1`.
+fn add_user(store: &Store) {
     store
         .create_account(&new_account("acc_1", "Acme", T0))
         .unwrap();
     store
         .create_user(&new_user("usr_1", "owner@acme.io", "owner", Some("acc_1")))
         .unwrap();
-    (dir, store)
-}
-
-#[test]
-fn opening_the_same_file_twice_migrates_once_and_keeps_the_data() {
-    let dir = TempDir::new().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("presenced.db").display());
-    {
-        let store = Store::open(&url, 2).unwrap();
-        store
-            .create_account(&new_account("acc_1", "Acme", T0))
-            .unwrap();
-    }
-    let store = Store::open(&url, 2).unwrap();
-    assert_eq!(store.list_accounts().unwrap().len(), 1);
-    assert_eq!(store.list_plans().unwrap().len(), 3);
 }
 
 #[test]
@@ -101,13 +159,6 @@ fn the_parent_directory_of_the_database_file_is_created() {
 }
 
 #[test]
-fn ping_answers_and_the_backend_is_sqlite() {
-    let (_dir, store) = file_store();
-    store.ping().unwrap();
-    assert_eq!(store.backend(), "sqlite");
-}
-
-#[test]
 fn an_in_memory_store_keeps_one_database_across_calls() {
     let store = Store::open("sqlite::memory:", 8).unwrap();
     store
@@ -116,10 +167,11 @@ fn an_in_memory_store_keeps_one_database_across_calls() {
     let clone = store.clone();
     assert_eq!(clone.get_account("acc_1").unwrap().name, "Acme");
     assert_eq!(store.pool.max_size(), 1);
+    assert_eq!(store.backend(), "sqlite");
 }
 
 #[test]
-fn database_urls_name_a_file_or_memory() {
+fn database_urls_name_a_file_memory_or_a_postgres_server() {
     let parse = |url| Target::parse(url).ok();
     let file = |p: &str| Some(Target::File(p.to_owned()));
     assert_eq!(
@@ -132,19 +184,88 @@ fn database_urls_name_a_file_or_memory() {
     assert_eq!(parse("sqlite::memory:"), Some(Target::Memory));
     assert_eq!(parse(":memory:"), Some(Target::Memory));
     assert_eq!(parse("sqlite://"), None);
+
+    let pg = |url| match Target::parse(url) {
+        Ok(Target::Postgres(pg)) => (pg.host_port.clone(), pg.redacted.clone()),
+        other => panic!("{url}: {other:?}"),
+    };
+    assert_eq!(
+        pg("postgres://app:hunter2@db.internal/presenced"),
+        (
+            "db.internal:5432".to_owned(),
+            "postgres://app:***@db.internal/presenced".to_owned()
+        )
+    );
+    assert_eq!(
+        pg("postgresql://app@[::1]:6432/presenced?sslmode=disable").0,
+        "[::1]:6432"
+    );
+    assert_eq!(
+        pg("postgres:///presenced?host=/run/postgresql&password=hunter2"),
+        (
+            "/run/postgresql:5432".to_owned(),
+            "postgres:///presenced?host=%2Frun%2Fpostgresql&password=***".to_owned()
+        )
+    );
+    for bad in [
+        "postgres://app:hunter2@/presenced",
+        "postgres://app:hunter2@db:port/presenced",
+        "mysql://root:hunter2@db/presenced",
+    ] {
+        let err = Target::parse(bad).unwrap_err().to_string();
+        assert!(!err.contains("hunter2"), "{bad}: {err}");
+    }
 }
 
 #[test]
-fn a_postgres_url_is_refused_without_repeating_its_password() {
-    let err = Store::open("postgres://app:hunter2@db:5432/presenced", 1).unwrap_err();
-    assert!(matches!(err, StoreError::Other(_)), "{err:?}");
-    let message = err.to_string();
-    assert!(message.contains("postgres"), "{message}");
+fn redacting_a_database_url_hides_every_password_and_keeps_the_rest() {
+    assert_eq!(
+        redact_database_url("postgres://app:s3cr%40t@db:5432/presenced?sslmode=disable"),
+        "postgres://app:***@db:5432/presenced?sslmode=disable"
+    );
+    assert_eq!(
+        redact_database_url("postgres://app@db/presenced"),
+        "postgres://app@db/presenced"
+    );
+    assert_eq!(
+        redact_database_url("sqlite://data/presenced.db"),
+        "sqlite://data/presenced.db"
+    );
+    assert_eq!(redact_database_url("data/p.db"), "data/p.db");
+    assert_eq!(
+        redact_database_url("postgres://app:hunter2@db:port/x"),
+        "<unparsable URL>"
+    );
+}
+
+#[test]
+fn an_unreachable_postgres_is_unavailable_naming_host_and_port_but_not_the_password() {
+    let err = Store::open("postgres://app:hunter2@127.0.0.1:1/presenced", 4).unwrap_err();
+    let StoreError::Unavailable(message) = &err else {
+        panic!("expected Unavailable, got {err:?}");
+    };
+    assert!(message.contains("127.0.0.1:1"), "{message}");
+    assert!(message.contains("refused"), "the cause: {message}");
     assert!(!message.contains("hunter2"), "{message}");
+    assert!(!message.contains('\n'), "one line: {message}");
 }
 
 #[test]
-fn a_failed_migration_names_the_migration_and_the_database_error() {
+fn a_missing_postgres_database_is_unavailable_with_the_servers_reason() {
+    let Some(temp) = TempDatabase::postgres() else {
+        return eprintln!("skipped: no PostgreSQL");
+    };
+    let mut url = url::Url::parse(temp.url()).unwrap();
+    url.set_path("/presenced_t_does_not_exist");
+    let err = Store::open(url.as_str(), 1).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Unavailable(m) if m.contains("does not exist")),
+        "{err:?}"
+    );
+}
+
+/// Two migrations in a directory: a good one, then `bad_sql`.
+fn migration_dir(bad_sql: &str) -> TempDir {
     let dir = TempDir::new().unwrap();
     let good = dir.path().join("2026-01-01-000000_good");
     let bad = dir.path().join("2026-01-02-000000_broken");
@@ -152,12 +273,18 @@ fn a_failed_migration_names_the_migration_and_the_database_error() {
     std::fs::create_dir_all(&bad).unwrap();
     std::fs::write(good.join("up.sql"), "CREATE TABLE kept (id TEXT);").unwrap();
     std::fs::write(good.join("down.sql"), "DROP TABLE kept;").unwrap();
-    std::fs::write(bad.join("up.sql"), "CREATE TABLE oops (;").unwrap();
+    std::fs::write(bad.join("up.sql"), bad_sql).unwrap();
     std::fs::write(bad.join("down.sql"), "").unwrap();
+    dir
+}
+
+#[test]
+fn a_failed_sqlite_migration_names_the_migration_and_applies_none() {
+    let dir = migration_dir("CREATE TABLE oops (;");
     let source = diesel_migrations::FileBasedMigrations::from_path(dir.path()).unwrap();
 
-    let mut conn = DbConn::establish(":memory:").unwrap();
-    let err = run_migrations(&mut conn, source).unwrap_err();
+    let mut conn = SqliteConnection::establish(":memory:").unwrap();
+    let err = run_sqlite_migrations(&mut conn, source).unwrap_err();
 
     let StoreError::Migration(message) = &err else {
         panic!("expected a migration error, got {err:?}");
@@ -168,14 +295,141 @@ fn a_failed_migration_names_the_migration_and_the_database_error() {
     );
     assert!(message.contains("syntax error"), "{message}");
     // All or nothing: the good migration before it was rolled back too.
-    use diesel::connection::SimpleConnection;
     let kept = conn.batch_execute("SELECT * FROM kept").unwrap_err();
     assert!(kept.to_string().contains("no such table"), "{kept}");
 }
 
 #[test]
-fn the_three_plans_are_seeded_with_their_limits() {
-    let (_dir, store) = file_store();
+fn a_failed_postgres_migration_names_the_migration_and_applies_none() {
+    let Some(temp) = TempDatabase::postgres() else {
+        return eprintln!("skipped: no PostgreSQL");
+    };
+    // The real migrations: the second one's first table already exists, so it fails after the
+    // first migration has run inside the same transaction.
+    let mut conn = PgConnection::establish(temp.url()).unwrap();
+    conn.batch_execute("CREATE TABLE presence_snapshots (squatter INT)")
+        .unwrap();
+    drop(conn);
+
+    let err = Store::open(temp.url(), 2).unwrap_err();
+    let StoreError::Migration(message) = &err else {
+        panic!("expected a migration error, got {err:?}");
+    };
+    assert!(
+        message.starts_with("2026-11-21-000002_presence_history: "),
+        "{message}"
+    );
+    assert!(message.contains("already exists"), "{message}");
+    assert!(!message.contains('\n'), "one line: {message}");
+
+    #[derive(QueryableByName)]
+    struct Name {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        table_name: String,
+    }
+    let mut conn = PgConnection::establish(temp.url()).unwrap();
+    let tables: Vec<String> = diesel::sql_query(
+        "SELECT table_name::text AS table_name FROM information_schema.tables \
+         WHERE table_schema = 'public' ORDER BY 1",
+    )
+    .load::<Name>(&mut conn)
+    .unwrap()
+    .into_iter()
+    .map(|n| n.table_name)
+    .collect();
+    // Not `accounts` of the first migration, not even diesel's bookkeeping table.
+    assert_eq!(tables, ["presence_snapshots"]);
+}
+
+#[test]
+fn a_failed_postgres_migration_from_files_rolls_back_the_good_one_too() {
+    let Some(temp) = TempDatabase::postgres() else {
+        return eprintln!("skipped: no PostgreSQL");
+    };
+    let dir = migration_dir("CREATE TABLE oops (;");
+    let source = diesel_migrations::FileBasedMigrations::from_path(dir.path()).unwrap();
+    let mut conn = PgConnection::establish(temp.url()).unwrap();
+    let err = run_pg_migrations(&mut conn, source).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Migration(m) if m.starts_with("2026-01-02-000000_broken: ")
+            && m.contains("syntax error")),
+        "{err:?}"
+    );
+    let kept = conn.batch_execute("SELECT * FROM kept").unwrap_err();
+    assert!(kept.to_string().contains("does not exist"), "{kept}");
+}
+
+#[test]
+fn nodes_starting_together_on_one_postgres_take_turns_migrating() {
+    let Some(temp) = TempDatabase::postgres() else {
+        return eprintln!("skipped: no PostgreSQL");
+    };
+    let url = temp.url();
+    std::thread::scope(|s| {
+        let nodes: Vec<_> = (0..3)
+            .map(|_| s.spawn(move || Store::open(url, 1).map(|_| ())))
+            .collect();
+        for node in nodes {
+            node.join().unwrap().unwrap();
+        }
+    });
+    let store = Store::open(url, 1).unwrap();
+    assert_eq!(store.list_plans().unwrap().len(), 3);
+}
+
+#[test]
+fn a_postgres_pool_recovers_when_its_connections_are_cut() {
+    let Some(db) = Db::postgres() else {
+        return eprintln!("skipped: no PostgreSQL");
+    };
+    // Fill the pool with live connections, then return them.
+    drop((0..3).map(|_| db.pool.get().unwrap()).collect::<Vec<_>>());
+    db.ping().unwrap();
+    // What a server restart does to them: every session of the database is terminated.
+    let mut admin = PgConnection::establish(db.temp.url()).unwrap();
+    admin
+        .batch_execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .unwrap();
+    // Checkout tests each connection and replaces the dead ones: no caller sees an error.
+    for _ in 0..5 {
+        db.ping().unwrap();
+        db.list_plans().unwrap();
+    }
+}
+
+#[test]
+fn ping_within_fails_fast_when_the_pool_is_exhausted() {
+    let store = Store::open("sqlite::memory:", 1).unwrap();
+    store.ping_within(Duration::from_millis(200)).unwrap();
+    let held = store.pool.get().unwrap();
+    let err = store.ping_within(Duration::from_millis(100)).unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    drop(held);
+}
+
+on_both_backends! {
+fn opening_the_same_database_twice_migrates_once_and_keeps_the_data(db: Db) {
+    db.create_account(&new_account("acc_1", "Acme", T0)).unwrap();
+    let migrations = db.count("__diesel_schema_migrations");
+    let again = db.reopen(2);
+    assert_eq!(again.list_accounts().unwrap().len(), 1);
+    assert_eq!(again.list_plans().unwrap().len(), 3);
+    assert_eq!(db.count("__diesel_schema_migrations"), migrations);
+}
+
+fn ping_answers_and_the_backend_is_named(db: Db) {
+    db.ping().unwrap();
+    db.ping_within(Duration::from_secs(1)).unwrap();
+    assert_eq!(db.backend(), db.temp.backend());
+}
+}
+
+on_both_backends! {
+fn the_three_plans_are_seeded_with_their_limits(db: Db) {
+    let store = &db.store;
     let plans: Vec<_> = store
         .list_plans()
         .unwrap()
@@ -194,9 +448,8 @@ fn the_three_plans_are_seeded_with_their_limits() {
     assert!(matches!(store.get_plan("gold"), Err(StoreError::NotFound)));
 }
 
-#[test]
-fn accounts_can_be_created_listed_and_fetched() {
-    let (_dir, store) = file_store();
+fn accounts_can_be_created_listed_and_fetched(db: Db) {
+    let store = &db.store;
     let created = store
         .create_account(&new_account("acc_b", "Beta", T0 + 1))
         .unwrap();
@@ -223,9 +476,8 @@ fn accounts_can_be_created_listed_and_fetched() {
     ));
 }
 
-#[test]
-fn creating_an_account_twice_with_one_id_is_a_conflict_on_id() {
-    let (_dir, store) = file_store();
+fn creating_an_account_twice_with_one_id_is_a_conflict_on_id(db: Db) {
+    let store = &db.store;
     store
         .create_account(&new_account("acc_1", "Acme", T0))
         .unwrap();
@@ -238,9 +490,8 @@ fn creating_an_account_twice_with_one_id_is_a_conflict_on_id() {
     );
 }
 
-#[test]
-fn an_account_on_a_missing_plan_is_not_found() {
-    let (_dir, store) = file_store();
+fn an_account_on_a_missing_plan_is_not_found(db: Db) {
+    let store = &db.store;
     let account = NewAccount {
         plan_id: "gold",
         ..new_account("acc_1", "Acme", T0)
@@ -252,9 +503,9 @@ fn an_account_on_a_missing_plan_is_not_found() {
     assert!(store.list_accounts().unwrap().is_empty());
 }
 
-#[test]
-fn updating_an_account_changes_only_the_given_fields() {
-    let (_dir, store) = store_with_user();
+fn updating_an_account_changes_only_the_given_fields(db: Db) {
+    let store = &db.store;
+    add_user(store);
     let updated = store
         .update_account(
             "acc_1",
@@ -284,9 +535,9 @@ fn updating_an_account_changes_only_the_given_fields() {
     assert!(matches!(missing_account, Err(StoreError::NotFound)));
 }
 
-#[test]
-fn rotating_a_secret_keeps_the_old_one_as_previous_until_it_expires() {
-    let (_dir, store) = store_with_user();
+fn rotating_a_secret_keeps_the_old_one_as_previous_until_it_expires(db: Db) {
+    let store = &db.store;
+    add_user(store);
     let rotated = store
         .rotate_secret("acc_1", "sk_next", T0 + 60_000, T0 + 1)
         .unwrap();
@@ -310,9 +561,8 @@ fn rotating_a_secret_keeps_the_old_one_as_previous_until_it_expires() {
     ));
 }
 
-#[test]
-fn a_name_with_sql_metacharacters_round_trips_unchanged() {
-    let (_dir, store) = file_store();
+fn a_name_with_sql_metacharacters_round_trips_unchanged(db: Db) {
+    let store = &db.store;
     let name = "'); DROP TABLE accounts;-- \"x\" \\ % _ ? $1";
     store
         .create_account(&new_account("acc_1", name, T0))
@@ -328,9 +578,9 @@ fn a_name_with_sql_metacharacters_round_trips_unchanged() {
     assert_eq!(store.list_accounts().unwrap().len(), 1);
 }
 
-#[test]
-fn a_duplicate_email_is_a_conflict_on_email_whatever_its_case() {
-    let (_dir, store) = store_with_user();
+fn a_duplicate_email_is_a_conflict_on_email_whatever_its_case(db: Db) {
+    let store = &db.store;
+    add_user(store);
     let err = store
         .create_user(&new_user("usr_2", "Owner@ACME.io", "member", Some("acc_1")))
         .unwrap_err();
@@ -341,9 +591,8 @@ fn a_duplicate_email_is_a_conflict_on_email_whatever_its_case() {
     assert_eq!(err.to_string(), "email already exists");
 }
 
-#[test]
-fn users_are_stored_with_lowercased_email_and_found_whatever_the_case() {
-    let (_dir, store) = file_store();
+fn users_are_stored_with_lowercased_email_and_found_whatever_the_case(db: Db) {
+    let store = &db.store;
     store
         .create_account(&new_account("acc_1", "Acme", T0))
         .unwrap();
@@ -369,9 +618,8 @@ fn users_are_stored_with_lowercased_email_and_found_whatever_the_case() {
     );
 }
 
-#[test]
-fn a_user_of_a_missing_account_is_not_found_and_an_unknown_role_is_refused() {
-    let (_dir, store) = file_store();
+fn a_user_of_a_missing_account_is_not_found_and_an_unknown_role_is_refused(db: Db) {
+    let store = &db.store;
     let orphan = new_user("usr_1", "a@b.io", "owner", Some("acc_zz"));
     assert!(matches!(
         store.create_user(&orphan),
@@ -384,9 +632,9 @@ fn a_user_of_a_missing_account_is_not_found_and_an_unknown_role_is_refused() {
     ));
 }
 
-#[test]
-fn users_are_listed_per_account_and_admins_are_counted() {
-    let (_dir, store) = store_with_user();
+fn users_are_listed_per_account_and_admins_are_counted(db: Db) {
+    let store = &db.store;
+    add_user(store);
     store
         .create_account(&new_account("acc_2", "Other", T0))
         .unwrap();
@@ -411,9 +659,9 @@ fn users_are_listed_per_account_and_admins_are_counted() {
     assert_eq!(store.count_admins().unwrap(), 1);
 }
 
-#[test]
-fn deleting_a_user_removes_its_refresh_tokens_and_a_second_delete_is_not_found() {
-    let (_dir, store) = store_with_user();
+fn deleting_a_user_removes_its_refresh_tokens_and_a_second_delete_is_not_found(db: Db) {
+    let store = &db.store;
+    add_user(store);
     store
         .insert_refresh_token(&new_token("rt_1", "usr_1", "fam_1", "aa11"))
         .unwrap();
@@ -426,9 +674,9 @@ fn deleting_a_user_removes_its_refresh_tokens_and_a_second_delete_is_not_found()
     ));
 }
 
-#[test]
-fn a_refresh_token_can_be_spent_only_once() {
-    let (_dir, store) = store_with_user();
+fn a_refresh_token_can_be_spent_only_once(db: Db) {
+    let store = &db.store;
+    add_user(store);
     store
         .insert_refresh_token(&new_token("rt_1", "usr_1", "fam_1", "aa11"))
         .unwrap();
@@ -446,9 +694,9 @@ fn a_refresh_token_can_be_spent_only_once() {
     assert!(!store.spend_refresh_token("rt_missing", T0).unwrap());
 }
 
-#[test]
-fn concurrent_spends_of_one_refresh_token_let_exactly_one_win() {
-    let (_dir, store) = store_with_user();
+fn concurrent_spends_of_one_refresh_token_let_exactly_one_win(db: Db) {
+    let store = &db.store;
+    add_user(store);
     store
         .insert_refresh_token(&new_token("rt_1", "usr_1", "fam_1", "aa11"))
         .unwrap();
@@ -466,9 +714,9 @@ fn concurrent_spends_of_one_refresh_token_let_exactly_one_win() {
     assert_eq!(wins.load(Ordering::SeqCst), 1);
 }
 
-#[test]
-fn a_duplicate_token_hash_is_a_conflict_and_a_token_needs_its_user() {
-    let (_dir, store) = store_with_user();
+fn a_duplicate_token_hash_is_a_conflict_and_a_token_needs_its_user(db: Db) {
+    let store = &db.store;
+    add_user(store);
     store
         .insert_refresh_token(&new_token("rt_1", "usr_1", "fam_1", "aa11"))
         .unwrap();
@@ -486,9 +734,9 @@ fn a_duplicate_token_hash_is_a_conflict_and_a_token_needs_its_user() {
     ));
 }
 
-#[test]
-fn revoke_family_revokes_every_token_of_the_family_and_no_other() {
-    let (_dir, store) = store_with_user();
+fn revoke_family_revokes_every_token_of_the_family_and_no_other(db: Db) {
+    let store = &db.store;
+    add_user(store);
     store
         .insert_refresh_token(&new_token("rt_1", "usr_1", "fam_1", "aa11"))
         .unwrap();
@@ -516,9 +764,8 @@ fn revoke_family_revokes_every_token_of_the_family_and_no_other() {
     );
 }
 
-#[test]
-fn get_or_create_server_key_returns_the_same_key_twice() {
-    let (dir, store) = file_store();
+fn get_or_create_server_key_returns_the_same_key_twice(db: Db) {
+    let store = &db.store;
     let first = store
         .get_or_create_server_key("jwt", || "generated-1".to_owned(), T0)
         .unwrap();
@@ -530,18 +777,15 @@ fn get_or_create_server_key_returns_the_same_key_twice() {
         ("generated-1", "generated-1")
     );
 
-    drop(store);
-    let url = format!("sqlite://{}", dir.path().join("presenced.db").display());
-    let reopened = Store::open(&url, 1).unwrap();
+    let reopened = db.reopen(1);
     let after_restart = reopened
         .get_or_create_server_key("jwt", || "generated-2".to_owned(), T0 + 2)
         .unwrap();
     assert_eq!(after_restart, "generated-1");
 }
 
-#[test]
-fn upsert_last_seen_keeps_the_latest_time() {
-    let (_dir, store) = file_store();
+fn upsert_last_seen_keeps_the_latest_time(db: Db) {
+    let store = &db.store;
     let row = |a: &str, u: &str, t: i64| (a.to_owned(), u.to_owned(), t);
     store
         .upsert_last_seen(&[
@@ -575,9 +819,8 @@ fn upsert_last_seen_keeps_the_latest_time() {
     store.upsert_last_seen(&[]).unwrap();
 }
 
-#[test]
-fn audit_entries_filter_by_account_and_time_newest_first() {
-    let (_dir, store) = file_store();
+fn audit_entries_filter_by_account_and_time_newest_first(db: Db) {
+    let store = &db.store;
     let entry = |at, account, action| NewAuditLog {
         at,
         account_id: account,
@@ -626,9 +869,8 @@ fn audit_entries_filter_by_account_and_time_newest_first() {
     );
 }
 
-#[test]
-fn every_pooled_connection_enforces_foreign_keys() {
-    let (_dir, store) = file_store();
+fn every_pooled_connection_enforces_foreign_keys(db: Db) {
+    let store = &db.store;
     let mut held = Vec::new();
     for _ in 0..store.pool.max_size() {
         let mut conn = store.pool.get().unwrap();
@@ -648,9 +890,8 @@ fn every_pooled_connection_enforces_foreign_keys() {
     }
 }
 
-#[test]
-fn concurrent_writers_on_one_file_wait_for_each_other_instead_of_failing() {
-    let (_dir, store) = file_store();
+fn concurrent_writers_wait_for_each_other_instead_of_failing(db: Db) {
+    let store = &db.store;
     std::thread::scope(|s| {
         for worker in 0..4_i64 {
             let store = &store;
@@ -685,9 +926,9 @@ fn concurrent_writers_on_one_file_wait_for_each_other_instead_of_failing() {
     assert_eq!(store.last_seen("acc_1", "u0").unwrap(), Some(T0 + 349));
 }
 
-#[test]
-fn debug_output_redacts_secrets_and_hashes() {
-    let (_dir, store) = store_with_user();
+fn debug_output_redacts_secrets_and_hashes(db: Db) {
+    let store = &db.store;
+    add_user(store);
     store
         .insert_refresh_token(&new_token("rt_1", "usr_1", "fam_1", "aa11deadbeef"))
         .unwrap();
@@ -708,6 +949,7 @@ fn debug_output_redacts_secrets_and_hashes() {
         printed.contains("owner@acme.io"),
         "non-secret fields still print"
     );
+}
 }
 
 #[test]
@@ -778,4 +1020,297 @@ fn unique_violations_name_the_column_on_both_backends() {
         }),
     ));
     assert!(!err.to_string().contains("secret@example.com"), "{err}");
+}
+
+// ---- presence snapshots and history ----
+
+fn snapshot(node: &str, session: &str, user: &str, updated_at: i64) -> SessionSnapshot {
+    SessionSnapshot {
+        node_id: node.to_owned(),
+        account_id: "acc_1".to_owned(),
+        session_id: session.to_owned(),
+        user_id: user.to_owned(),
+        phx_ref: format!("ref-{session}"),
+        status: "online".to_owned(),
+        device: None,
+        online_at: T0,
+        meta: r#"{"name":"Ann"}"#.to_owned(),
+        rooms: r#"["lobby"]"#.to_owned(),
+        ghost_until: None,
+        updated_at,
+    }
+}
+
+fn sample(node: &str, room: &str, at: i64, resolution_ms: i64, users: i64) -> Sample {
+    Sample {
+        node_id: node.to_owned(),
+        account_id: "acc_1".to_owned(),
+        room: room.to_owned(),
+        at,
+        resolution_ms,
+        users,
+        connections: users * 2,
+    }
+}
+
+fn open(room: &str, user: &str, session: &str, joined_at: i64) -> IntervalOpen {
+    IntervalOpen {
+        account_id: "acc_1".to_owned(),
+        room: room.to_owned(),
+        user_id: user.to_owned(),
+        session_id: session.to_owned(),
+        joined_at,
+    }
+}
+
+/// A batch of `node` with nothing in it.
+fn empty_batch(node: &str) -> SnapshotBatch<'_> {
+    SnapshotBatch {
+        node_id: node,
+        upserts: &[],
+        removals: &[],
+        samples: &[],
+        last_seen: &[],
+        opened: &[],
+        closed: &[],
+    }
+}
+
+/// `(session, user, joined_at, left_at)` of intervals, for compact assertions.
+fn spans(intervals: Vec<Interval>) -> Vec<(String, String, i64, Option<i64>)> {
+    intervals
+        .into_iter()
+        .map(|i| (i.session_id, i.user_id, i.joined_at, i.left_at))
+        .collect()
+}
+
+fn span(
+    session: &str,
+    user: &str,
+    joined: i64,
+    left: Option<i64>,
+) -> (String, String, i64, Option<i64>) {
+    (session.to_owned(), user.to_owned(), joined, left)
+}
+
+#[test]
+fn a_snapshot_row_of_another_node_is_refused_before_anything_is_written() {
+    let store = Store::open("sqlite::memory:", 1).unwrap();
+    let upserts = [snapshot("node_b", "s1", "u1", T0)];
+    let err = store
+        .write_snapshot(&SnapshotBatch {
+            upserts: &upserts,
+            ..empty_batch("node_a")
+        })
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Other(_)), "{err:?}");
+    assert!(store.load_snapshot("node_b").unwrap().is_empty());
+}
+
+on_both_backends! {
+fn snapshots_upsert_remove_and_load_per_node(db: Db) {
+    let mut ghost = snapshot("node_a", "s2", "u2", T0);
+    ghost.device = Some("phone".to_owned());
+    ghost.ghost_until = Some(T0 + 5_000);
+    let first = [snapshot("node_a", "s1", "u1", T0), ghost.clone(), snapshot("node_a", "s3", "u3", T0)];
+    db.write_snapshot(&SnapshotBatch { upserts: &first, ..empty_batch("node_a") }).unwrap();
+    let other = [snapshot("node_b", "s1", "u9", T0)];
+    db.write_snapshot(&SnapshotBatch { upserts: &other, ..empty_batch("node_b") }).unwrap();
+    assert_eq!(db.load_snapshot("node_a").unwrap(), first.to_vec());
+
+    // s1 changes (listed twice: the last wins), s3 goes, s4 arrives; node_b is untouched.
+    let mut moved = snapshot("node_a", "s1", "u1", T0 + 10);
+    moved.status = "away".to_owned();
+    moved.meta = r#"{"name":"Ann","x":"'; DROP TABLE presence_snapshots;--"}"#.to_owned();
+    let second = [snapshot("node_a", "s1", "u1", T0 + 5), moved.clone(), snapshot("node_a", "s4", "u4", T0 + 10)];
+    let removals = ["s3".to_owned(), "s_unknown".to_owned()];
+    db.write_snapshot(&SnapshotBatch { upserts: &second, removals: &removals, ..empty_batch("node_a") }).unwrap();
+    assert_eq!(
+        db.load_snapshot("node_a").unwrap(),
+        vec![moved, ghost, snapshot("node_a", "s4", "u4", T0 + 10)]
+    );
+    assert_eq!(db.load_snapshot("node_b").unwrap(), other.to_vec());
+    assert!(db.load_snapshot("node_c").unwrap().is_empty());
+}
+
+fn a_snapshot_of_twenty_thousand_sessions_is_written_in_chunks(db: Db) {
+    // More rows than one statement can bind on either backend.
+    let many: Vec<_> = (0..20_000)
+        .map(|i| snapshot("node_a", &format!("s{i:05}"), &format!("u{}", i % 5_000), T0))
+        .collect();
+    // Written twice: inserts, then the same rows as updates.
+    db.write_snapshot(&SnapshotBatch { upserts: &many, ..empty_batch("node_a") }).unwrap();
+    db.write_snapshot(&SnapshotBatch { upserts: &many, ..empty_batch("node_a") }).unwrap();
+    let loaded = db.load_snapshot("node_a").unwrap();
+    assert_eq!(loaded.len(), 20_000);
+    assert_eq!(loaded[19_999], many[19_999]);
+
+    let removals: Vec<String> = many.iter().map(|s| s.session_id.clone()).collect();
+    db.write_snapshot(&SnapshotBatch { removals: &removals, ..empty_batch("node_a") }).unwrap();
+    assert_eq!(db.count("presence_snapshots"), 0);
+}
+
+fn a_failing_snapshot_batch_writes_nothing(db: Db) {
+    let kept = [snapshot("node_a", "s1", "u1", T0)];
+    db.write_snapshot(&SnapshotBatch { upserts: &kept, ..empty_batch("node_a") }).unwrap();
+    // Make the last step of the next batch fail: two intervals of one session in one room.
+    db.sql("CREATE UNIQUE INDEX one_interval_per_session ON presence_intervals (session_id)");
+    let upserts = [snapshot("node_a", "s2", "u2", T0)];
+    let removals = ["s1".to_owned()];
+    let samples = [sample("node_a", "", T0, 5_000, 1)];
+    let seen = [("acc_1".to_owned(), "u2".to_owned(), T0)];
+    let opened = [open("lobby", "u2", "s2", T0), open("", "u2", "s2", T0)];
+    let err = db
+        .write_snapshot(&SnapshotBatch {
+            node_id: "node_a",
+            upserts: &upserts,
+            removals: &removals,
+            samples: &samples,
+            last_seen: &seen,
+            opened: &opened,
+            closed: &[],
+        })
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert_eq!(db.load_snapshot("node_a").unwrap(), kept.to_vec());
+    assert_eq!(db.count("presence_samples"), 0);
+    assert_eq!(db.count("presence_intervals"), 0);
+    assert_eq!(db.last_seen("acc_1", "u2").unwrap(), None);
+}
+
+fn last_seen_in_a_snapshot_keeps_the_latest_time(db: Db) {
+    let row = |u: &str, t: i64| ("acc_1".to_owned(), u.to_owned(), t);
+    let seen = [row("u1", T0 + 10), row("u1", T0 + 3), row("u2", T0)];
+    db.write_snapshot(&SnapshotBatch { last_seen: &seen, ..empty_batch("node_a") }).unwrap();
+    let seen = [row("u1", T0 + 5), row("u2", T0 + 7)];
+    db.write_snapshot(&SnapshotBatch { last_seen: &seen, ..empty_batch("node_b") }).unwrap();
+    assert_eq!(db.last_seen("acc_1", "u1").unwrap(), Some(T0 + 10));
+    assert_eq!(db.last_seen("acc_1", "u2").unwrap(), Some(T0 + 7));
+}
+
+fn history_samples_filter_by_account_room_and_time_in_order(db: Db) {
+    let samples = [
+        sample("node_a", "", T0 + 10, 5_000, 3),
+        sample("node_a", "lobby", T0, 5_000, 1),
+        sample("node_b", "lobby", T0 + 5, 5_000, 2),
+        sample("node_a", "lobby", T0 + 20, 5_000, 4),
+        sample("node_a", "lobby", T0 + 30, 5_000, 5),
+        Sample { account_id: "acc_2".to_owned(), ..sample("node_a", "lobby", T0 + 1, 5_000, 9) },
+    ];
+    db.write_snapshot(&SnapshotBatch { samples: &samples, ..empty_batch("node_a") }).unwrap();
+    let users = |list: Vec<Sample>| list.into_iter().map(|s| s.users).collect::<Vec<_>>();
+    assert_eq!(users(db.history_samples("acc_1", "lobby", T0, T0 + 30, 100).unwrap()), [1, 2, 4]);
+    assert_eq!(users(db.history_samples("acc_1", "lobby", T0, T0 + 100, 2).unwrap()), [1, 2]);
+    assert_eq!(users(db.history_samples("acc_1", "", 0, i64::MAX, 100).unwrap()), [3]);
+    assert!(db.history_samples("acc_1", "lobby", T0, T0 + 100, -1).unwrap().is_empty());
+    let first = &db.history_samples("acc_2", "lobby", 0, i64::MAX, 1).unwrap()[0];
+    assert_eq!(first, &samples[5]);
+}
+
+fn intervals_record_who_was_present_when(db: Db) {
+    let opened = [
+        open("lobby", "u1", "s1", T0),
+        open("", "u1", "s1", T0),
+        open("lobby", "u2", "s2", T0 + 10),
+        open("lobby", "u3", "s3", T0 + 20),
+    ];
+    db.write_snapshot(&SnapshotBatch { opened: &opened, ..empty_batch("node_a") }).unwrap();
+    // Another node's session with the same id is not closed by node_a's closes.
+    let elsewhere = [open("lobby", "u9", "s1", T0)];
+    db.write_snapshot(&SnapshotBatch { opened: &elsewhere, ..empty_batch("node_b") }).unwrap();
+
+    // s1 ends; s2 leaves the lobby and comes back in the same batch; s3 joins and leaves.
+    let opened = [open("lobby", "u2", "s2", T0 + 40), open("lobby", "u4", "s4", T0 + 42)];
+    let closed = [
+        IntervalClose::Session { session_id: "s1".to_owned(), left_at: T0 + 30 },
+        IntervalClose::Room { session_id: "s2".to_owned(), room: "lobby".to_owned(), left_at: T0 + 35 },
+        IntervalClose::Room { session_id: "s4".to_owned(), room: "lobby".to_owned(), left_at: T0 + 45 },
+        IntervalClose::Session { session_id: "s3".to_owned(), left_at: T0 + 30 },
+    ];
+    db.write_snapshot(&SnapshotBatch { opened: &opened, closed: &closed, ..empty_batch("node_a") }).unwrap();
+
+    assert_eq!(
+        spans(db.intervals_at("acc_1", "lobby", T0 + 25, 100).unwrap()),
+        [
+            span("s1", "u1", T0, Some(T0 + 30)),
+            span("s1", "u9", T0, None),
+            span("s2", "u2", T0 + 10, Some(T0 + 35)),
+            span("s3", "u3", T0 + 20, Some(T0 + 30)),
+        ]
+    );
+    assert_eq!(
+        spans(db.intervals_at("acc_1", "lobby", T0 + 40, 100).unwrap()),
+        [span("s1", "u9", T0, None), span("s2", "u2", T0 + 40, None)],
+        "left_at is exclusive, joined_at inclusive"
+    );
+    assert_eq!(
+        spans(db.intervals_at("acc_1", "", T0 + 29, 100).unwrap()),
+        [span("s1", "u1", T0, Some(T0 + 30))]
+    );
+    assert!(db.intervals_at("acc_1", "lobby", T0 - 1, 100).unwrap().is_empty());
+    assert_eq!(db.intervals_at("acc_1", "lobby", T0 + 25, 2).unwrap().len(), 2);
+    assert!(db.intervals_at("acc_2", "lobby", T0 + 25, 100).unwrap().is_empty());
+}
+
+fn pruning_downsamples_old_samples_and_deletes_expired_history(db: Db) {
+    const MIN: i64 = 60_000;
+    let now = T0 + 100 * MIN;
+    let policy = RetentionPolicy { raw_ms: 10 * MIN, rollup_bucket_ms: MIN, rollup_ms: 50 * MIN, batch: 2 };
+    let at = |minutes: i64, secs: i64| now - minutes * MIN + secs * 1_000;
+    let samples = [
+        // Too old for anything: deleted.
+        sample("node_a", "lobby", at(60, 0), 5_000, 7),
+        sample("node_a", "lobby", at(55, 0), MIN, 7),
+        // Two minutes of raw samples past the raw horizon: one row per minute, with the max.
+        sample("node_a", "lobby", at(20, 0), 5_000, 1),
+        sample("node_a", "lobby", at(20, 5), 5_000, 3),
+        sample("node_a", "lobby", at(20, 10), 5_000, 2),
+        sample("node_a", "lobby", at(19, 0), 5_000, 4),
+        // Same minute, another node and another room: rows of their own.
+        sample("node_b", "lobby", at(20, 5), 5_000, 6),
+        sample("node_a", "", at(20, 5), 5_000, 8),
+        // Recent: kept raw.
+        sample("node_a", "lobby", at(5, 0), 5_000, 9),
+    ];
+    let opened = [open("lobby", "u1", "s1", at(70, 0)), open("lobby", "u2", "s2", at(70, 0)), open("lobby", "u3", "s3", at(70, 0))];
+    let closed = [
+        IntervalClose::Session { session_id: "s1".to_owned(), left_at: at(60, 0) },
+        IntervalClose::Session { session_id: "s2".to_owned(), left_at: at(40, 0) },
+    ];
+    db.write_snapshot(&SnapshotBatch { samples: &samples, opened: &opened, closed: &closed, ..empty_batch("node_a") }).unwrap();
+
+    let report = db.prune_history(&policy, now).unwrap();
+    assert_eq!(report, PruneReport { downsampled: 6, deleted_samples: 2, deleted_intervals: 1 });
+    let rows = |room: &str| {
+        db.history_samples("acc_1", room, 0, i64::MAX, 100)
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.node_id, s.at, s.resolution_ms, s.users, s.connections))
+            .collect::<Vec<_>>()
+    };
+    let a = |s: &str| s.to_owned();
+    assert_eq!(
+        rows("lobby"),
+        [
+            (a("node_a"), at(20, 0), MIN, 3, 6),
+            (a("node_b"), at(20, 0), MIN, 6, 12),
+            (a("node_a"), at(19, 0), MIN, 4, 8),
+            (a("node_a"), at(5, 0), 5_000, 9, 18),
+        ]
+    );
+    assert_eq!(rows(""), [(a("node_a"), at(20, 0), MIN, 8, 16)]);
+    // The open interval and the one closed within the horizon stay.
+    assert_eq!(db.count("presence_intervals"), 2);
+
+    // A late raw sample of an already folded minute is merged into its row.
+    let late = [sample("node_a", "lobby", at(20, 30), 5_000, 5)];
+    db.write_snapshot(&SnapshotBatch { samples: &late, ..empty_batch("node_a") }).unwrap();
+    let report = db.prune_history(&policy, now).unwrap();
+    assert_eq!(report, PruneReport { downsampled: 1, ..PruneReport::default() });
+    assert_eq!(rows("lobby")[0], (a("node_a"), at(20, 0), MIN, 5, 10));
+    assert_eq!(db.prune_history(&policy, now).unwrap(), PruneReport::default());
+
+    let bad = RetentionPolicy { batch: 0, ..policy };
+    assert!(matches!(db.prune_history(&bad, now), Err(StoreError::Other(_))));
+}
 }
