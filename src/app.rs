@@ -17,10 +17,15 @@ use presence_actors::{now_ms, Metrics};
 use crate::auth::{self, AccountKeys, KeyRing, ServerKeys};
 use crate::config::Settings;
 use crate::http::{self, AppState};
+use crate::persist::{Flush, PersistConfig, Persistence};
 use crate::store::{self, Account, NewUser, Store, StoreError};
 
 /// How long shutdown waits for sessions to close after telling them to.
 const SESSION_DRAIN: Duration = Duration::from_secs(2);
+/// How long shutdown waits for the final snapshot.
+const SNAPSHOT_FLUSH: Duration = Duration::from_secs(5);
+
+use actix_web::rt::time::timeout as tokio_timeout;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -102,11 +107,15 @@ impl Application {
                 Registry::new(engine, ids, metrics)
             })
         };
-        let node = settings
-            .cluster
-            .node_id
-            .clone()
-            .unwrap_or_else(|| store::new_id("node_"));
+        let persistence = Persistence::start(
+            PersistConfig::from_settings(&settings),
+            store.clone(),
+            registry.clone(),
+            &prometheus,
+            &registry_arbiter.handle(),
+        )
+        .await?;
+        let node = persistence.node_id.clone();
         let state = web::Data::new(AppState {
             registry,
             store,
@@ -118,6 +127,7 @@ impl Application {
             metrics,
             prometheus,
             node,
+            persistence,
         });
 
         let addr = settings.bind_addr()?;
@@ -215,6 +225,13 @@ pub async fn shutdown(handle: ServerHandle, state: web::Data<AppState>) {
             Ok(s) if s.sessions > 0 => actix_web::rt::time::sleep(Duration::from_millis(20)).await,
             _ => break,
         }
+    }
+    // The sessions just closed are ghosts now: the last snapshot keeps them, so after a restart
+    // they stay present for the grace window and their clients come back without flapping.
+    match tokio_timeout(SNAPSHOT_FLUSH, state.persistence.snapshotter.send(Flush)).await {
+        Ok(Ok(Ok(r))) => log::info!("final snapshot: {} sessions", r.sessions),
+        Ok(Ok(Err(e))) => log::warn!("final snapshot failed: {e}"),
+        _ => log::warn!("final snapshot did not finish in time"),
     }
     handle.stop(true).await;
     log::info!("stopped");

@@ -17,6 +17,7 @@ pub struct Settings {
     pub redis: RedisSettings,
     pub presence: PresenceSettings,
     pub snapshot: SnapshotSettings,
+    pub history: HistorySettings,
     pub cluster: ClusterSettings,
     pub bootstrap: BootstrapSettings,
     pub auth: AuthSettings,
@@ -95,12 +96,50 @@ impl Default for PresenceSettings {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SnapshotSettings {
+    /// How often the node writes the presence it holds (and a history sample) to the database.
     pub interval_ms: u64,
+    /// Longest wait between attempts while the database is down (the backoff doubles up to it).
+    pub retry_max_ms: u64,
+    /// History samples kept in memory while the database is down; the oldest go first.
+    pub max_buffered_samples: usize,
 }
 
 impl Default for SnapshotSettings {
     fn default() -> Self {
-        SnapshotSettings { interval_ms: 5_000 }
+        SnapshotSettings {
+            interval_ms: 5_000,
+            retry_max_ms: 60_000,
+            max_buffered_samples: 100_000,
+        }
+    }
+}
+
+/// The presence history (samples and who-was-there intervals) and its retention.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistorySettings {
+    /// A room's or account's counts are sampled at each snapshot when they changed, and at
+    /// least this often when they did not.
+    pub sample_interval_ms: u64,
+    /// Raw samples are kept this long, then folded into buckets.
+    pub raw_retention_s: u64,
+    /// The bucket raw samples are folded into (the maximum of each bucket is kept).
+    pub rollup_bucket_s: u64,
+    /// Everything (buckets, closed intervals) older than this is deleted.
+    pub retention_s: u64,
+    /// How often the pruning runs.
+    pub prune_interval_s: u64,
+}
+
+impl Default for HistorySettings {
+    fn default() -> Self {
+        HistorySettings {
+            sample_interval_ms: 60_000,
+            raw_retention_s: 2 * 24 * 3600,
+            rollup_bucket_s: 300,
+            retention_s: 30 * 24 * 3600,
+            prune_interval_s: 600,
+        }
     }
 }
 
@@ -108,7 +147,8 @@ impl Default for SnapshotSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterSettings {
     pub node_ttl_ms: u64,
-    /// This node's name in a cluster; generated when unset.
+    /// This node's name: its snapshot rows are keyed by it, so it must stay the same across
+    /// restarts. Unset: `<hostname>:<port of server.bind>`.
     pub node_id: Option<String>,
 }
 
@@ -192,8 +232,15 @@ pub const KEYS: &[(&str, &str)] = &[
     ("presence.recovery_timeout_ms", "2000"),
     ("presence.arbiters", "0 (one per core)"),
     ("snapshot.interval_ms", "5000"),
+    ("snapshot.retry_max_ms", "60000"),
+    ("snapshot.max_buffered_samples", "100000"),
+    ("history.sample_interval_ms", "60000"),
+    ("history.raw_retention_s", "172800"),
+    ("history.rollup_bucket_s", "300"),
+    ("history.retention_s", "2592000"),
+    ("history.prune_interval_s", "600"),
     ("cluster.node_ttl_ms", "15000"),
-    ("cluster.node_id", "generated"),
+    ("cluster.node_id", "<hostname>:<port>"),
     ("bootstrap.admin_email", "admin@localhost"),
     ("bootstrap.admin_password", "generated and printed once"),
     ("auth.jwt_secret", "generated once, kept in the database"),
@@ -276,12 +323,35 @@ impl Settings {
         for (name, v) in [
             ("presence.timeout_ms", p.timeout_ms),
             ("snapshot.interval_ms", self.snapshot.interval_ms),
+            ("snapshot.retry_max_ms", self.snapshot.retry_max_ms),
+            (
+                "history.sample_interval_ms",
+                self.history.sample_interval_ms,
+            ),
+            ("history.raw_retention_s", self.history.raw_retention_s),
+            ("history.rollup_bucket_s", self.history.rollup_bucket_s),
+            ("history.retention_s", self.history.retention_s),
+            ("history.prune_interval_s", self.history.prune_interval_s),
             ("cluster.node_ttl_ms", self.cluster.node_ttl_ms),
             ("auth.access_ttl_s", self.auth.access_ttl_s),
             ("auth.refresh_ttl_s", self.auth.refresh_ttl_s),
         ] {
             if v == 0 {
                 return Err(bad(name, "must be greater than 0"));
+            }
+        }
+        if self.history.retention_s < self.history.raw_retention_s {
+            return Err(bad(
+                "history.retention_s",
+                "must be at least history.raw_retention_s",
+            ));
+        }
+        if let Some(id) = &self.cluster.node_id {
+            if id.trim().is_empty() || id.len() > 128 || id.chars().any(char::is_control) {
+                return Err(bad(
+                    "cluster.node_id",
+                    "must be 1 to 128 printable characters",
+                ));
             }
         }
         let l = &self.limits;
@@ -338,6 +408,21 @@ impl Settings {
         })
     }
 
+    /// This node's stable name (see `cluster.node_id`).
+    pub fn node_id(&self) -> String {
+        if let Some(id) = &self.cluster.node_id {
+            return id.trim().to_string();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into());
+        let port = self.bind_addr().map(|a| a.port()).unwrap_or(0);
+        format!("{host}:{port}")
+    }
+
     pub fn engine(&self) -> EngineConfig {
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
@@ -357,23 +442,15 @@ impl Settings {
     }
 }
 
-/// Which databases this build can open: the embedded SQLite (a `sqlite://` URL or a path).
+/// Which databases this build can open: PostgreSQL (`postgres://user:password@host:5432/db`, which
+/// must parse and name a host) or the embedded SQLite (`sqlite://<path>`, `sqlite::memory:` or a
+/// bare path). The message names the problem on one line and never repeats a password.
 fn validate_database_url(url: &str) -> Result<(), String> {
     let url = url.trim();
     if url.is_empty() {
         return Err("must not be empty".into());
     }
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        return Err("PostgreSQL is not supported by this build yet; use sqlite://<path>".into());
-    }
-    if let Some((scheme, _)) = url.split_once("://") {
-        if scheme != "sqlite" {
-            return Err(format!(
-                "unsupported scheme '{scheme}'; use sqlite://<path>"
-            ));
-        }
-    }
-    Ok(())
+    crate::store::database_backend(url).map(|_| ())
 }
 
 /// The transport's own cap: frames over `limits.max_frame_bytes` but under this get an error
@@ -408,6 +485,48 @@ mod tests {
         s.server.bind = "nonsense".into();
         let e = s.validate().unwrap_err();
         assert_eq!(e.setting, "server.bind");
+    }
+
+    #[test]
+    fn postgres_and_sqlite_database_urls_are_accepted() {
+        for url in [
+            "postgres://app:secret@db.internal:5432/presenced",
+            "postgresql://postgres@127.0.0.1/test",
+            "postgres://app@[::1]:6432/presenced?sslmode=disable",
+            "postgres:///presenced?host=/var/run/postgresql",
+            "sqlite://data/presenced.db",
+            "sqlite::memory:",
+            "data/presenced.db",
+        ] {
+            validate_database_url(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+        }
+    }
+
+    #[test]
+    fn a_bad_database_url_names_the_setting_on_one_line_without_the_password() {
+        for (url, expect) in [
+            (
+                "mysql://root:hunter2@db/presenced",
+                "unsupported database URL scheme `mysql`",
+            ),
+            (
+                "postgres://app:hunter2@db:notaport/presenced",
+                "invalid PostgreSQL URL",
+            ),
+            ("postgres://app:hunter2@/presenced", "empty host"),
+            ("   ", "must not be empty"),
+        ] {
+            let mut s = Settings::default();
+            s.database.url = url.into();
+            let e = s.validate().unwrap_err();
+            assert_eq!(e.setting, "database.url", "{url}");
+            let line = e.to_string();
+            assert!(line.contains(expect), "{url}: {line}");
+            assert!(
+                !line.contains("hunter2") && !line.contains('\n'),
+                "{url}: {line}"
+            );
+        }
     }
 
     #[test]

@@ -4,4 +4,5 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod http;
+pub mod persist;
 pub mod store;

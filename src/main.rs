@@ -77,7 +77,7 @@ fn main() -> ExitCode {
         }
         log::info!(
             "presenced listening on {url} (socket {url}/socket/websocket, database {}); log in with POST {url}/api/v1/auth/login as {}",
-            settings.database.url,
+            presenced::store::redact_database_url(&settings.database.url),
             settings.bootstrap.admin_email
         );
         let (handle, state) = (app.handle(), app.state());

@@ -26,6 +26,14 @@ type Data = web::Data<AppState>;
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
 
+/// How long `/readyz` waits for a database connection before calling it down.
+const READYZ_DB_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1500);
+
+/// Points a history series has at most (the step grows to fit the range).
+const MAX_POINTS: i64 = 2_000;
+/// Members listed for one instant at most.
+const MAX_MEMBERS: i64 = 10_000;
+
 pub async fn index() -> HttpResponse {
     HttpResponse::Ok().json(json!({
         "service": "presenced",
@@ -44,14 +52,19 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "status": "ok" }))
 }
 
-/// Ready when the database answers (and, in a cluster, Redis).
+/// Ready when the database answers (and, in a cluster, Redis). Presence keeps working from
+/// memory while the database is down; this says so, with the snapshot writer's view.
 pub async fn readyz(state: Data) -> HttpResponse {
     let store = state.store.clone();
-    let db = match web::block(move || store.ping()).await {
+    let ping = web::block(move || store.ping_within(READYZ_DB_TIMEOUT)).await;
+    let mut db = match ping {
         Ok(Ok(())) => json!({ "status": "up", "backend": state.store.backend() }),
-        Ok(Err(e)) => json!({ "status": "down", "error": e.to_string() }),
+        Ok(Err(e)) => {
+            json!({ "status": "down", "backend": state.store.backend(), "error": e.to_string() })
+        }
         Err(_) => json!({ "status": "down", "error": "blocking pool unavailable" }),
     };
+    db["snapshots"] = state.persistence.health.json();
     let up = db["status"] == "up";
     let body = json!({ "status": if up { "ready" } else { "not_ready" }, "node": state.node, "database": db });
     if up {
@@ -567,10 +580,15 @@ pub async fn user_presence(
         .ok()
         .flatten();
     let online = v["online"].as_bool().unwrap_or(false);
+    // A departure not yet written by the next snapshot is only known to the actor.
+    let recent = v.get("last_seen").and_then(Value::as_i64);
     v["last_seen"] = if online {
         Value::from(now_ms())
     } else {
-        json!(last_seen)
+        json!(match (last_seen, recent) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        })
     };
     Ok(HttpResponse::Ok().json(v))
 }
@@ -604,4 +622,106 @@ pub async fn kick_session(
         client_ip(&req),
     );
     Ok(HttpResponse::build(StatusCode::ACCEPTED).json(json!({ "kicked": session })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryQuery {
+    /// Unix ms; default `to` minus one hour.
+    from: Option<i64>,
+    /// Unix ms; default now.
+    to: Option<i64>,
+    /// A room; absent means the whole account.
+    room: Option<String>,
+    /// Bucket width in ms; default fits the range in about 300 points.
+    step: Option<i64>,
+    /// An instant (unix ms): answer with the members present then instead of a series.
+    at: Option<i64>,
+}
+
+/// `GET /accounts/:id/presence/history`: "who was online, how many, when". With `from`/`to` a
+/// time series of users and connections online (summed over nodes); with `at`, the members
+/// present at that instant. Served from the snapshot history, so its resolution is the snapshot
+/// interval.
+pub async fn presence_history(
+    state: Data,
+    caller: Caller,
+    path: web::Path<String>,
+    q: web::Query<HistoryQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let id = path.into_inner();
+    readable_account(&state, &caller, &id).await?;
+    let q = q.into_inner();
+    let room = q.room.unwrap_or_default();
+    if !room.is_empty() && !protocol::valid_room_name(&room, state.engine.limits.max_room_name_len)
+    {
+        return Err(ApiError::bad_request(
+            "invalid_room_name",
+            "room names are [A-Za-z0-9_.:@~-]",
+        ));
+    }
+    let store = state.store.clone();
+    let room_json = if room.is_empty() {
+        Value::Null
+    } else {
+        Value::from(room.clone())
+    };
+    if let Some(at) = q.at {
+        if q.from.is_some() || q.to.is_some() || q.step.is_some() {
+            return Err(ApiError::bad_request(
+                "invalid_range",
+                "give either at, or from/to/step",
+            ));
+        }
+        let (acc, r) = (id.clone(), room.clone());
+        let rows = web::block(move || store.intervals_at(&acc, &r, at, MAX_MEMBERS + 1)).await??;
+        let truncated = rows.len() as i64 > MAX_MEMBERS;
+        let rows = &rows[..rows.len().min(MAX_MEMBERS as usize)];
+        let members = crate::persist::history::members(rows);
+        return Ok(HttpResponse::Ok().json(json!({
+            "account": id,
+            "room": room_json,
+            "at": at,
+            "users": members.len(),
+            "connections": rows.len(),
+            "members": members,
+            "truncated": truncated,
+        })));
+    }
+    let to = q.to.unwrap_or_else(now_ms);
+    let from = q.from.unwrap_or(to - 3_600_000);
+    if from >= to || from < 0 {
+        return Err(ApiError::bad_request(
+            "invalid_range",
+            "from must be before to (unix milliseconds)",
+        ));
+    }
+    let span = to - from;
+    let min_step = ((span + MAX_POINTS - 1) / MAX_POINTS).max(1000);
+    let step = match q.step {
+        Some(s) if s < 1000 => {
+            return Err(ApiError::bad_request(
+                "invalid_step",
+                "step is at least 1000 ms",
+            ))
+        }
+        Some(s) => s.max(min_step),
+        None => ((span + 299) / 300).max(min_step),
+    };
+    let fresh = 2 * state.settings.history.sample_interval_ms as i64;
+    let lookback = fresh + (state.settings.history.rollup_bucket_s as i64) * 1000;
+    let (acc, r) = (id.clone(), room.clone());
+    let samples = web::block(move || {
+        store.history_samples(&acc, &r, from.saturating_sub(lookback), to, 200_000)
+    })
+    .await??;
+    let points = crate::persist::history::series(&samples, from, to, step, fresh);
+    Ok(HttpResponse::Ok().json(json!({
+        "account": id,
+        "room": room_json,
+        "from": from,
+        "to": to,
+        "step": step,
+        "series": points,
+    })))
 }

@@ -36,6 +36,7 @@ pub struct AppState {
     pub metrics: Metrics,
     pub prometheus: prometheus::Registry,
     pub node: String,
+    pub persistence: crate::persist::Persistence,
 }
 
 impl AppState {
@@ -156,6 +157,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route(
                 "/accounts/{id}/presence",
                 web::get().to(api::account_presence),
+            )
+            .route(
+                "/accounts/{id}/presence/history",
+                web::get().to(api::presence_history),
             )
             .route("/accounts/{id}/rooms", web::get().to(api::list_rooms))
             .route(

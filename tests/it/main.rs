@@ -3,4 +3,5 @@
 mod conformance;
 mod helpers;
 mod http;
+mod persistence;
 mod socket;

@@ -1,0 +1,628 @@
+//! The snapshot writer: a `SyncArbiter` actor that owns the database side of persistence. It
+//! turns an `EngineSnapshot` (plain data from the actor tree) into rows, diffs them against what
+//! the database is known to hold, and writes only the difference in one transaction per tick.
+//!
+//! Nothing is queued per tick: the desired state is recomputed from the live actors every time,
+//! so a tick that fails (database down) costs nothing but a retry, and the first tick that
+//! succeeds writes the state as it is then. What cannot be recomputed — history samples and
+//! `last_seen` of users who went away — waits in bounded buffers until a write succeeds.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::prelude::*;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use std::hash::{Hash, Hasher};
+
+use presence_actors::presence::{Key, Meta, SessionId};
+use presence_actors::snapshot::{EngineSnapshot, Held as HeldMeta};
+
+use super::PersistMetrics;
+use crate::store::{
+    IntervalClose, IntervalOpen, PruneReport, RetentionPolicy, Sample, SessionSnapshot,
+    SnapshotBatch, Store,
+};
+
+/// How often the `last_seen` of a user who stays online is refreshed in the database. A node
+/// killed without a final snapshot leaves its users' `last_seen` at most this old.
+const LAST_SEEN_REFRESH_MS: i64 = 60_000;
+
+/// `(account, room)`; room `""` is the whole account.
+type Place = (String, String);
+
+/// The writer's knobs.
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    pub node_id: String,
+    /// The snapshot period: the resolution of raw samples.
+    pub interval_ms: i64,
+    /// Unchanged counts are sampled again after this long.
+    pub sample_interval_ms: i64,
+    pub max_buffered_samples: usize,
+    pub retention: RetentionPolicy,
+}
+
+/// One room entry of a session row (`presence_snapshots.rooms`, JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoomEntry {
+    pub room: String,
+    pub phx_ref: String,
+    pub status: String,
+    pub online_at: i64,
+    #[serde(default)]
+    pub device: Option<String>,
+    #[serde(default)]
+    pub meta: Map<String, Value>,
+    #[serde(default)]
+    pub ghost_until: Option<i64>,
+}
+
+/// What the database holds for one session: a fingerprint of its row and the places (`""` for
+/// the account, then its rooms) it has open intervals in. A few dozen bytes per session instead
+/// of the row itself.
+#[derive(Debug, Clone)]
+struct Held {
+    fingerprint: u64,
+    places: Vec<Box<str>>,
+}
+
+/// A session as the snapshot holds it, borrowed.
+struct View<'a> {
+    account: &'a str,
+    user: &'a str,
+    meta: &'a Meta,
+    ghost: Option<i64>,
+    /// Sorted by room name.
+    rooms: Vec<(&'a str, &'a Meta, Option<i64>)>,
+}
+
+/// Fingerprint of what a row says. Any change of a meta (status, fields, device) gives it a new
+/// `phx_ref`, so refs, ghost deadlines and room names identify a row's content without
+/// serialising it.
+fn fingerprint<'r>(
+    account: &str,
+    user: &str,
+    phx_ref: u64,
+    online_at: i64,
+    ghost: Option<i64>,
+    rooms: impl Iterator<Item = (&'r str, u64, i64, Option<i64>)>,
+) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (account, user, phx_ref, online_at, ghost).hash(&mut h);
+    for r in rooms {
+        r.hash(&mut h);
+    }
+    h.finish()
+}
+
+impl View<'_> {
+    fn fingerprint(&self) -> u64 {
+        fingerprint(
+            self.account,
+            self.user,
+            self.meta.phx_ref.0,
+            self.meta.online_at,
+            self.ghost,
+            self.rooms
+                .iter()
+                .map(|(r, m, g)| (*r, m.phx_ref.0, m.online_at, *g)),
+        )
+    }
+
+    fn places(&self) -> Vec<Box<str>> {
+        std::iter::once("")
+            .chain(self.rooms.iter().map(|(r, _, _)| *r))
+            .map(Box::from)
+            .collect()
+    }
+
+    fn row(&self, node: &str, taken_at: i64) -> SessionSnapshot {
+        let rooms: Vec<RoomEntry> = self
+            .rooms
+            .iter()
+            .map(|(room, meta, ghost)| RoomEntry {
+                room: room.to_string(),
+                phx_ref: meta.phx_ref.to_string(),
+                status: meta.status.to_string(),
+                online_at: meta.online_at,
+                device: meta.device.as_deref().map(String::from),
+                meta: (*meta.fields).clone(),
+                ghost_until: *ghost,
+            })
+            .collect();
+        SessionSnapshot {
+            node_id: node.to_string(),
+            account_id: self.account.to_string(),
+            session_id: self.meta.session.to_string(),
+            user_id: self.user.to_string(),
+            phx_ref: self.meta.phx_ref.to_string(),
+            status: self.meta.status.to_string(),
+            device: self.meta.device.as_deref().map(String::from),
+            online_at: self.meta.online_at,
+            meta: serde_json::to_string(&*self.meta.fields).unwrap_or_else(|_| "{}".into()),
+            rooms: serde_json::to_string(&rooms).unwrap_or_else(|_| "[]".into()),
+            ghost_until: self.ghost,
+            updated_at: taken_at,
+        }
+    }
+}
+
+/// The same fingerprint and places from a stored row (the baseline at start-up). A row that
+/// does not parse gets fingerprint 0, so the first tick rewrites it.
+fn held_of(row: &SessionSnapshot) -> Option<(u64, Held)> {
+    let session = SessionId::parse(&row.session_id)?.0;
+    let rooms: Vec<RoomEntry> = serde_json::from_str(&row.rooms).unwrap_or_default();
+    let mut parsed: Vec<(&str, u64, i64, Option<i64>)> = Vec::with_capacity(rooms.len());
+    let mut ok = true;
+    for r in &rooms {
+        match u64::from_str_radix(&r.phx_ref, 16) {
+            Ok(x) => parsed.push((r.room.as_str(), x, r.online_at, r.ghost_until)),
+            Err(_) => ok = false,
+        }
+    }
+    parsed.sort_by(|a, b| a.0.cmp(b.0));
+    let fp = match (ok, u64::from_str_radix(&row.phx_ref, 16)) {
+        (true, Ok(phx_ref)) => fingerprint(
+            &row.account_id,
+            &row.user_id,
+            phx_ref,
+            row.online_at,
+            row.ghost_until,
+            parsed.iter().copied(),
+        ),
+        _ => 0,
+    };
+    let places = std::iter::once("")
+        .chain(parsed.iter().map(|p| p.0))
+        .map(Box::from)
+        .collect();
+    Some((
+        session,
+        Held {
+            fingerprint: fp,
+            places,
+        },
+    ))
+}
+
+/// Every account connection of the snapshot with the rooms its session is in. Room members
+/// without an account connection (staff sessions) are not persisted.
+fn views(snap: &EngineSnapshot) -> HashMap<u64, View<'_>> {
+    let mut out: HashMap<u64, View<'_>> = HashMap::with_capacity(snap.sessions());
+    for a in &snap.accounts {
+        for (user, meta, ghost) in &a.connections {
+            out.insert(
+                meta.session.0,
+                View {
+                    account: &a.account,
+                    user,
+                    meta,
+                    ghost: *ghost,
+                    rooms: Vec::new(),
+                },
+            );
+        }
+    }
+    for r in &snap.rooms {
+        for (_, meta, ghost) in &r.members {
+            if let Some(v) = out.get_mut(&meta.session.0) {
+                if v.account == &*r.account {
+                    v.rooms.push((&r.room, meta, *ghost));
+                }
+            }
+        }
+    }
+    for v in out.values_mut() {
+        v.rooms.sort_by(|a, b| a.0.cmp(b.0));
+    }
+    out
+}
+
+/// Write what the actor tree holds now.
+#[derive(Message)]
+#[rtype(result = "Result<TickReport, String>")]
+pub struct WriteTick {
+    pub snap: EngineSnapshot,
+}
+
+/// What the database held for this node at start-up (restored into the actors): the baseline
+/// the first tick diffs against.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Baseline {
+    pub rows: Vec<SessionSnapshot>,
+}
+
+/// Downsample and delete old history.
+#[derive(Message)]
+#[rtype(result = "Result<PruneReport, String>")]
+pub struct Prune {
+    pub now: i64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TickReport {
+    pub sessions: usize,
+    pub upserted: usize,
+    pub removed: usize,
+    pub samples: usize,
+    pub last_seen: usize,
+    pub intervals_opened: usize,
+    pub intervals_closed: usize,
+    pub build_ms: f64,
+    pub write_ms: f64,
+    /// The snapshot was older than one already written (a flush overtook a tick) and skipped.
+    pub stale: bool,
+}
+
+pub struct Writer {
+    store: Store,
+    cfg: Arc<WriterConfig>,
+    metrics: PersistMetrics,
+    /// What the database holds for this node, by session.
+    committed: HashMap<u64, Held>,
+    committed_at: i64,
+    pending_samples: VecDeque<Sample>,
+    /// `(account, user)` → unix ms: departures not yet written.
+    pending_seen: HashMap<(Arc<str>, Key), i64>,
+    /// When the `last_seen` of each online user was last written.
+    written_seen: HashMap<(Arc<str>, Key), i64>,
+    /// Last sample taken per `(account, room)`: users, connections, when.
+    last_sample: HashMap<Place, (i64, i64, i64)>,
+}
+
+impl Writer {
+    pub fn new(store: Store, cfg: Arc<WriterConfig>, metrics: PersistMetrics) -> Writer {
+        Writer {
+            store,
+            cfg,
+            metrics,
+            committed: HashMap::new(),
+            committed_at: 0,
+            pending_samples: VecDeque::new(),
+            pending_seen: HashMap::new(),
+            written_seen: HashMap::new(),
+            last_sample: HashMap::new(),
+        }
+    }
+
+    fn buffer_samples(&mut self, samples: Vec<Sample>) {
+        for s in samples {
+            if self.pending_samples.len() >= self.cfg.max_buffered_samples.max(1) {
+                self.pending_samples.pop_front();
+                self.metrics.samples_dropped.inc();
+            }
+            self.pending_samples.push_back(s);
+        }
+        self.metrics
+            .samples_buffered
+            .set(self.pending_samples.len() as i64);
+    }
+
+    /// Samples for every account and room whose counts changed, went to zero, or were last
+    /// sampled more than `sample_interval_ms` ago.
+    fn take_samples(&mut self, snap: &EngineSnapshot) -> Vec<Sample> {
+        let now = snap.taken_at;
+        let mut current: HashMap<(String, String), (i64, i64)> = HashMap::new();
+        for a in &snap.accounts {
+            current.insert(
+                (a.account.to_string(), String::new()),
+                counts(&a.connections),
+            );
+        }
+        for r in &snap.rooms {
+            current.insert(
+                (r.account.to_string(), r.room.to_string()),
+                counts(&r.members),
+            );
+        }
+        let mut out = Vec::new();
+        let gone: Vec<(Place, (i64, i64, i64))> = self
+            .last_sample
+            .iter()
+            .filter(|(k, _)| !current.contains_key(*k))
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        for (key, (u, c, _)) in gone {
+            // A room that stopped (or an account that emptied) drops to zero once.
+            if (u, c) != (0, 0) {
+                out.push(self.sample(&key, now, 0, 0));
+            }
+            self.last_sample.remove(&key);
+        }
+        for (key, (u, c)) in current {
+            let due = match self.last_sample.get(&key) {
+                Some((lu, lc, at)) => {
+                    (*lu, *lc) != (u, c) || now - *at >= self.cfg.sample_interval_ms
+                }
+                None => true,
+            };
+            if due {
+                out.push(self.sample(&key, now, u, c));
+                self.last_sample.insert(key, (u, c, now));
+            }
+        }
+        out
+    }
+
+    fn sample(&self, key: &(String, String), at: i64, users: i64, connections: i64) -> Sample {
+        Sample {
+            node_id: self.cfg.node_id.clone(),
+            account_id: key.0.clone(),
+            room: key.1.clone(),
+            at,
+            resolution_ms: self.cfg.interval_ms,
+            users,
+            connections,
+        }
+    }
+
+    /// What the database holds for this node (loaded at start-up): the first tick diffs
+    /// against it instead of rewriting everything.
+    pub fn set_baseline(&mut self, rows: Vec<SessionSnapshot>) {
+        self.committed = rows.iter().filter_map(held_of).collect();
+        self.metrics.rows.set(self.committed.len() as i64);
+    }
+
+    /// Writes one tick (what `WriteTick` does); public for the benchmarks.
+    pub fn write(&mut self, snap: EngineSnapshot) -> Result<TickReport, String> {
+        if snap.taken_at < self.committed_at {
+            return Ok(TickReport {
+                stale: true,
+                ..TickReport::default()
+            });
+        }
+        let started = Instant::now();
+        let now = snap.taken_at;
+        let samples = self.take_samples(&snap);
+        self.buffer_samples(samples);
+        for a in &snap.accounts {
+            for (user, at) in &a.departed {
+                let e = self
+                    .pending_seen
+                    .entry((a.account.clone(), user.clone()))
+                    .or_insert(*at);
+                *e = (*e).max(*at);
+            }
+        }
+        // Users with a connected (non-ghost) session: their last_seen is "now", refreshed.
+        let mut online: HashSet<(&Arc<str>, &Key)> = HashSet::new();
+        for a in &snap.accounts {
+            for (user, _, ghost) in &a.connections {
+                if ghost.is_none() {
+                    online.insert((&a.account, user));
+                }
+            }
+        }
+        let mut seen: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+        for ((a, u), at) in &self.pending_seen {
+            seen.insert((a, u), *at);
+        }
+        let mut refreshed: Vec<(Arc<str>, Key)> = Vec::new();
+        for (a, u) in &online {
+            let due = self
+                .written_seen
+                .get(&((*a).clone(), (*u).clone()))
+                .is_none_or(|at| now - *at >= LAST_SEEN_REFRESH_MS);
+            if due {
+                let e = seen.entry((a, u)).or_insert(now);
+                *e = (*e).max(now);
+                refreshed.push(((*a).clone(), (*u).clone()));
+            }
+        }
+        let last_seen: Vec<(String, String, i64)> = seen
+            .into_iter()
+            .map(|((a, u), t)| (a.to_string(), u.to_string(), t))
+            .collect();
+
+        let views = views(&snap);
+        let mut upserts = Vec::new();
+        let mut changed: Vec<(u64, Held)> = Vec::new();
+        let mut opened = Vec::new();
+        let mut closed = Vec::new();
+        for (session, view) in &views {
+            let fp = view.fingerprint();
+            let before = self.committed.get(session);
+            if before.is_some_and(|b| b.fingerprint == fp) {
+                continue;
+            }
+            let row = view.row(&self.cfg.node_id, now);
+            let places = view.places();
+            for (i, place) in places.iter().enumerate() {
+                if before.is_none_or(|b| !b.places.contains(place)) {
+                    let joined = match i {
+                        0 => view.meta.online_at,
+                        _ => view.rooms[i - 1].1.online_at,
+                    };
+                    opened.push(IntervalOpen {
+                        account_id: row.account_id.clone(),
+                        room: place.to_string(),
+                        user_id: row.user_id.clone(),
+                        session_id: row.session_id.clone(),
+                        joined_at: joined.min(now),
+                    });
+                }
+            }
+            if let Some(b) = before {
+                for place in &b.places {
+                    if !places.contains(place) {
+                        closed.push(IntervalClose::Room {
+                            session_id: row.session_id.clone(),
+                            room: place.to_string(),
+                            left_at: now,
+                        });
+                    }
+                }
+            }
+            upserts.push(row);
+            changed.push((
+                *session,
+                Held {
+                    fingerprint: fp,
+                    places,
+                },
+            ));
+        }
+        let gone: Vec<u64> = self
+            .committed
+            .keys()
+            .filter(|s| !views.contains_key(*s))
+            .copied()
+            .collect();
+        let removals: Vec<String> = gone.iter().map(|s| SessionId(*s).to_string()).collect();
+        for sid in &removals {
+            closed.push(IntervalClose::Session {
+                session_id: sid.clone(),
+                left_at: now,
+            });
+        }
+        let build_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let samples: Vec<Sample> = self.pending_samples.iter().cloned().collect();
+        let batch = SnapshotBatch {
+            node_id: &self.cfg.node_id,
+            upserts: &upserts,
+            removals: &removals,
+            samples: &samples,
+            last_seen: &last_seen,
+            opened: &opened,
+            closed: &closed,
+        };
+        let write_started = Instant::now();
+        self.store
+            .write_snapshot(&batch)
+            .map_err(|e| e.to_string())?;
+        let write_ms = write_started.elapsed().as_secs_f64() * 1000.0;
+        let report = TickReport {
+            sessions: views.len(),
+            upserted: upserts.len(),
+            removed: removals.len(),
+            samples: samples.len(),
+            last_seen: last_seen.len(),
+            intervals_opened: opened.len(),
+            intervals_closed: closed.len(),
+            build_ms,
+            write_ms,
+            stale: false,
+        };
+        // Committed: now the database holds exactly this.
+        for s in gone {
+            self.committed.remove(&s);
+        }
+        self.committed.extend(changed);
+        self.committed_at = now;
+        self.pending_samples.clear();
+        self.metrics.samples_buffered.set(0);
+        self.pending_seen.clear();
+        for k in refreshed {
+            self.written_seen.insert(k, now);
+        }
+        self.written_seen
+            .retain(|(a, u), _| online.contains(&(a, u)));
+        self.metrics.rows.set(self.committed.len() as i64);
+        Ok(report)
+    }
+}
+
+impl Actor for Writer {
+    type Context = SyncContext<Self>;
+}
+
+impl Handler<WriteTick> for Writer {
+    type Result = Result<TickReport, String>;
+
+    fn handle(&mut self, msg: WriteTick, _: &mut SyncContext<Self>) -> Self::Result {
+        self.write(msg.snap)
+    }
+}
+
+impl Handler<Baseline> for Writer {
+    type Result = ();
+
+    fn handle(&mut self, msg: Baseline, _: &mut SyncContext<Self>) {
+        self.set_baseline(msg.rows);
+    }
+}
+
+impl Handler<Prune> for Writer {
+    type Result = Result<PruneReport, String>;
+
+    fn handle(&mut self, msg: Prune, _: &mut SyncContext<Self>) -> Self::Result {
+        self.store
+            .prune_history(&self.cfg.retention, msg.now)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Distinct users and metas among `held`.
+fn counts(held: &[HeldMeta]) -> (i64, i64) {
+    let users: HashSet<&str> = held.iter().map(|(k, _, _)| &**k).collect();
+    (users.len() as i64, held.len() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use presence_actors::presence::Ref;
+    use presence_actors::snapshot::{AccountSnapshot, RoomSnapshot};
+
+    fn meta(session: u64, phx_ref: u64, status: &str) -> Meta {
+        let mut fields = Map::new();
+        fields.insert("name".into(), Value::from("Ada <b>"));
+        Meta {
+            phx_ref: Ref(phx_ref),
+            phx_ref_prev: None,
+            session: SessionId(session),
+            status: status.into(),
+            online_at: 1_000 + session as i64,
+            device: Some("phone".into()),
+            fields: Arc::new(fields),
+        }
+    }
+
+    fn snap(room_ref: u64) -> EngineSnapshot {
+        EngineSnapshot {
+            taken_at: 5_000,
+            accounts: vec![AccountSnapshot {
+                account: "acc".into(),
+                connections: vec![("ada".into(), meta(7, 70, "online"), None)],
+                departed: vec![],
+                followers: 0,
+            }],
+            rooms: ["zeta", "alpha"]
+                .into_iter()
+                .map(|r| RoomSnapshot {
+                    account: "acc".into(),
+                    room: r.into(),
+                    members: vec![("ada".into(), meta(7, room_ref, "busy"), Some(9_000))],
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_stored_row_has_the_fingerprint_and_places_of_the_session_it_was_made_from() {
+        let s = snap(71);
+        let views = views(&s);
+        let view = &views[&7];
+        let row = view.row("node", s.taken_at);
+        let (session, held) = held_of(&row).expect("parses");
+        assert_eq!(session, 7);
+        assert_eq!(held.fingerprint, view.fingerprint());
+        assert_eq!(held.places, view.places());
+        assert_eq!(&*held.places, &["".into(), "alpha".into(), "zeta".into()]);
+        let rooms: Vec<RoomEntry> = serde_json::from_str(&row.rooms).unwrap();
+        assert_eq!(rooms[0].room, "alpha");
+        assert_eq!(rooms[0].ghost_until, Some(9_000));
+        assert_eq!(rooms[0].meta["name"], "Ada <b>");
+    }
+
+    #[test]
+    fn a_new_ref_in_any_room_changes_the_fingerprint() {
+        let a = snap(71);
+        let b = snap(72);
+        assert_ne!(views(&a)[&7].fingerprint(), views(&b)[&7].fingerprint());
+    }
+}
