@@ -37,7 +37,7 @@ fn bench(c: &mut Criterion) {
             let mut r = n;
             b.iter(|| {
                 r += 1;
-                let d = set.join(&key, arrival(r), Ref(r));
+                let d = set.join(&key, arrival(r), Ref(r)).diff;
                 let l = set.leave(
                     "newcomer",
                     SessionId(r),

@@ -1,6 +1,8 @@
 // Quick measurement (not the load generator): hold N idle sessions joined to rooms, read the
 // server's RSS per session, and time join-to-diff on loopback.
-//   node measure.mjs  (env: PRESENCED_WS, PRESENCED_ACCOUNT, PRESENCED_SECRET, SERVER_PID, N, ROOMS)
+//   node measure.mjs  (env: PRESENCED_WS, PRESENCED_ACCOUNT, PRESENCED_SECRET, SERVER_PID, N, ROOMS,
+//                      PROBE_S: seconds of heartbeat round trips to time while the sessions are held,
+//                      e.g. across snapshot ticks; 0 skips)
 import crypto from "node:crypto"
 import fs from "node:fs"
 import WebSocket from "ws"
@@ -12,6 +14,7 @@ const PID = process.env.SERVER_PID
 const N = parseInt(process.env.N || "10000", 10)
 const ROOMS = parseInt(process.env.ROOMS || "100", 10)
 const BATCH = 500
+const PROBE_S = parseInt(process.env.PROBE_S || "0", 10)
 
 const b64 = o => Buffer.from(JSON.stringify(o)).toString("base64url")
 function token(sub){
@@ -56,6 +59,29 @@ await sleep(3000)
 const held = rssKb()
 console.log(`sessions held: ${socks.length} in ${ROOMS} rooms, connect+join ${Math.round(socks.length / connectS)}/s`)
 console.log(`server RSS: ${base} KB before, ${held} KB with sessions -> ${((held - base) / socks.length).toFixed(2)} KB per idle joined session`)
+
+// heartbeat round trips while the node holds the sessions (and, say, writes snapshots)
+if(PROBE_S > 0){
+  const probe = await open("probe", 1)
+  const rtt = []
+  const end = Date.now() + PROBE_S * 1000
+  let k = 0
+  while(Date.now() < end){
+    const ref = `hb${k++}`
+    const t = process.hrtime.bigint()
+    await new Promise(resolve => {
+      const onMsg = data => { const m = JSON.parse(data); if(m[1] === ref){ probe.off("message", onMsg); resolve() } }
+      probe.on("message", onMsg)
+      probe.send(JSON.stringify([null, ref, "phoenix", "heartbeat", {}]))
+    })
+    rtt.push(Number(process.hrtime.bigint() - t) / 1e6)
+    await sleep(5)
+  }
+  rtt.sort((a, b) => a - b)
+  const h = p => rtt[Math.min(rtt.length - 1, Math.floor(p * rtt.length))].toFixed(2)
+  console.log(`heartbeat reply over ${PROBE_S} s: p50 ${h(0.5)} ms, p99 ${h(0.99)} ms, p99.9 ${h(0.999)} ms, max ${rtt[rtt.length - 1].toFixed(2)} ms (n=${rtt.length})`)
+  probe.terminate()
+}
 
 // join-to-diff latency: an observer in room:lat; a joiner joins and leaves, 300 times
 const obs = await open("observer", 0)
