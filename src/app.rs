@@ -17,8 +17,10 @@ use presence_actors::{now_ms, Metrics};
 use crate::auth::{self, AccountKeys, KeyRing, ServerKeys};
 use crate::config::Settings;
 use crate::http::{self, AppState};
+use crate::limits::RateLimits;
 use crate::persist::{Flush, PersistConfig, Persistence};
 use crate::store::{self, Account, NewUser, Store, StoreError};
+use crate::usage::{FlushUsage, UsageBook, UsageMeter};
 
 /// How long shutdown waits for sessions to close after telling them to.
 const SESSION_DRAIN: Duration = Duration::from_secs(2);
@@ -116,6 +118,42 @@ impl Application {
         )
         .await?;
         let node = persistence.node_id.clone();
+
+        let q = settings.plans.enterprise.clone();
+        let s = store.clone();
+        blocking(move || {
+            s.set_plan_limits(&store::Plan {
+                id: "enterprise".into(),
+                max_connections: q.max_connections,
+                max_rooms: q.max_rooms,
+                max_messages_per_day: q.max_messages_per_day,
+            })
+        })
+        .await?;
+        let usage = UsageBook::new(store.clone(), registry.clone());
+        let meter = {
+            let (book, registry, store) = (usage.clone(), registry.clone(), store.clone());
+            UsageMeter::start_in_arbiter(&registry_arbiter.handle(), move |_| {
+                UsageMeter::new(book, registry, store)
+            })
+        };
+        let proxies =
+            crate::limits::parse_proxies(&settings.server.trusted_proxies).map_err(|m| {
+                crate::config::ConfigError {
+                    setting: "server.trusted_proxies".into(),
+                    message: m,
+                }
+            })?;
+        let rate = Arc::new(RateLimits::new(&settings.limits, proxies));
+        {
+            let rate = rate.clone();
+            registry_arbiter.spawn(async move {
+                loop {
+                    actix_web::rt::time::sleep(Duration::from_secs(60)).await;
+                    rate.sweep();
+                }
+            });
+        }
         let state = web::Data::new(AppState {
             registry,
             store,
@@ -128,6 +166,9 @@ impl Application {
             prometheus,
             node,
             persistence,
+            usage,
+            meter,
+            rate,
         });
 
         let addr = settings.bind_addr()?;
@@ -143,9 +184,11 @@ impl Application {
             n => n,
         };
         let app_state = state.clone();
+        let cors_origins = Arc::new(settings.server.cors_origins.clone());
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(app_state.clone())
+                .wrap(cors(cors_origins.clone()))
                 .wrap(
                     // No query string in access logs: socket tokens travel there.
                     actix_web::middleware::Logger::new(r#"%a "%{method}xi %U" %s %b %Dms"#)
@@ -199,6 +242,35 @@ impl Application {
     }
 }
 
+/// CORS: origins from `server.cors_origins` (`"*"`: any) may call the API from a browser.
+/// With none configured only the server's own origin may (the browser enforces it: no
+/// `Access-Control-Allow-Origin` is sent). Requests are never refused here for their origin, so
+/// WebSocket clients on customers' sites and server-to-server calls work as before.
+fn cors(origins: Arc<Vec<String>>) -> actix_cors::Cors {
+    let any = origins.iter().any(|o| o == "*");
+    let mut c = actix_cors::Cors::default()
+        .allowed_methods(["GET", "POST", "PUT", "DELETE"])
+        .allowed_headers([
+            actix_web::http::header::AUTHORIZATION,
+            actix_web::http::header::CONTENT_TYPE,
+        ])
+        .expose_headers([actix_web::http::header::RETRY_AFTER])
+        .max_age(3600)
+        .block_on_origin_mismatch(false);
+    if any {
+        c = c.allow_any_origin().send_wildcard();
+    } else {
+        c = c.allowed_origin_fn(move |origin, _| {
+            origin.to_str().is_ok_and(|o| {
+                origins
+                    .iter()
+                    .any(|allowed| allowed.trim_end_matches('/') == o)
+            })
+        });
+    }
+    c
+}
+
 /// How long the kernel keeps a connection whose peer stopped acknowledging our data (including a
 /// zero receive window). A client that stops reading entirely is cut by the kernel after this, so
 /// a session the room already evicted as a slow consumer cannot pin its socket forever.
@@ -232,6 +304,11 @@ pub async fn shutdown(handle: ServerHandle, state: web::Data<AppState>) {
         Ok(Ok(Ok(r))) => log::info!("final snapshot: {} sessions", r.sessions),
         Ok(Ok(Err(e))) => log::warn!("final snapshot failed: {e}"),
         _ => log::warn!("final snapshot did not finish in time"),
+    }
+    match tokio_timeout(SNAPSHOT_FLUSH, state.meter.send(FlushUsage)).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => log::warn!("final usage write failed: {e}"),
+        _ => log::warn!("final usage write did not finish in time"),
     }
     handle.stop(true).await;
     log::info!("stopped");

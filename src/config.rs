@@ -22,6 +22,32 @@ pub struct Settings {
     pub bootstrap: BootstrapSettings,
     pub auth: AuthSettings,
     pub limits: Limits,
+    pub plans: PlansSettings,
+}
+
+/// What the `enterprise` plan allows (the other plans' limits are fixed by the contract).
+#[derive(Clone, Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlansSettings {
+    pub enterprise: PlanQuota,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlanQuota {
+    pub max_connections: i64,
+    pub max_rooms: i64,
+    pub max_messages_per_day: i64,
+}
+
+impl Default for PlanQuota {
+    fn default() -> Self {
+        PlanQuota {
+            max_connections: 1_000_000,
+            max_rooms: 1_000_000,
+            max_messages_per_day: 1_000_000_000,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -33,6 +59,11 @@ pub struct ServerSettings {
     pub workers: usize,
     /// Seconds to wait for connections to finish at shutdown before dropping them.
     pub shutdown_timeout_s: u64,
+    /// Reverse proxies whose `X-Forwarded-For` is believed (IP addresses).
+    pub trusted_proxies: Vec<String>,
+    /// Origins allowed to call the API from a browser (CORS); empty means same origin only.
+    /// `"*"` allows any origin (never with credentials).
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ServerSettings {
@@ -41,6 +72,8 @@ impl Default for ServerSettings {
             bind: "127.0.0.1:4000".into(),
             workers: 0,
             shutdown_timeout_s: 5,
+            trusted_proxies: Vec::new(),
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -257,6 +290,18 @@ pub const KEYS: &[(&str, &str)] = &[
     ("limits.max_outbound", "256"),
     ("limits.max_errors_per_minute", "120"),
     ("limits.max_inflight", "64"),
+    ("limits.login_per_ip_per_minute", "10"),
+    ("limits.login_per_email_per_hour", "100"),
+    ("limits.api_per_ip_per_s", "100 (bursts of 2x)"),
+    ("limits.api_per_account_per_s", "200 (bursts of 2x)"),
+    ("limits.connects_per_ip_per_s", "500 (bursts of 2x)"),
+    ("limits.connects_per_account_per_s", "1000 (bursts of 2x)"),
+    ("limits.joins_per_account_per_s", "2000 (bursts of 2x)"),
+    ("server.trusted_proxies", "[] (X-Forwarded-For ignored)"),
+    ("server.cors_origins", "[] (same origin only)"),
+    ("plans.enterprise.max_connections", "1000000"),
+    ("plans.enterprise.max_rooms", "1000000"),
+    ("plans.enterprise.max_messages_per_day", "1000000000"),
 ];
 
 impl Settings {
@@ -367,6 +412,52 @@ impl Settings {
             ("limits.max_inflight", l.max_inflight),
         ] {
             if v == 0 {
+                return Err(bad(name, "must be greater than 0"));
+            }
+        }
+        for (name, v) in [
+            ("limits.login_per_ip_per_minute", l.login_per_ip_per_minute),
+            (
+                "limits.login_per_email_per_hour",
+                l.login_per_email_per_hour,
+            ),
+            ("limits.api_per_ip_per_s", l.api_per_ip_per_s),
+            ("limits.api_per_account_per_s", l.api_per_account_per_s),
+            ("limits.connects_per_ip_per_s", l.connects_per_ip_per_s),
+            (
+                "limits.connects_per_account_per_s",
+                l.connects_per_account_per_s,
+            ),
+            ("limits.joins_per_account_per_s", l.joins_per_account_per_s),
+        ] {
+            if v == 0 {
+                return Err(bad(name, "must be greater than 0"));
+            }
+        }
+        crate::limits::parse_proxies(&self.server.trusted_proxies)
+            .map_err(|m| bad("server.trusted_proxies", m))?;
+        for o in &self.server.cors_origins {
+            if o != "*" {
+                let u = url::Url::parse(o)
+                    .map_err(|_| bad("server.cors_origins", format!("'{o}' is not an origin")))?;
+                if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+                    return Err(bad(
+                        "server.cors_origins",
+                        format!("'{o}' is not an http(s) origin"),
+                    ));
+                }
+            }
+        }
+        let e = &self.plans.enterprise;
+        for (name, v) in [
+            ("plans.enterprise.max_connections", e.max_connections),
+            ("plans.enterprise.max_rooms", e.max_rooms),
+            (
+                "plans.enterprise.max_messages_per_day",
+                e.max_messages_per_day,
+            ),
+        ] {
+            if v <= 0 {
                 return Err(bad(name, "must be greater than 0"));
             }
         }

@@ -4,5 +4,7 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod http;
+pub mod limits;
 pub mod persist;
 pub mod store;
+pub mod usage;

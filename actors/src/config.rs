@@ -25,6 +25,20 @@ pub struct Limits {
     pub max_errors_per_minute: u32,
     /// Pushes (status, broadcast) in flight per socket; more get `rate_limited`.
     pub max_inflight: usize,
+    /// Login attempts per client IP per minute (then 429 with `Retry-After`).
+    pub login_per_ip_per_minute: u32,
+    /// Login attempts per email per hour, counted only for attempts the IP limit let through.
+    pub login_per_email_per_hour: u32,
+    /// API requests per client IP per second (bursts of twice that).
+    pub api_per_ip_per_s: u32,
+    /// API requests per account (or per admin) per second (bursts of twice that).
+    pub api_per_account_per_s: u32,
+    /// Socket upgrades per client IP per second (bursts of twice that).
+    pub connects_per_ip_per_s: u32,
+    /// Socket upgrades per account per second (bursts of twice that).
+    pub connects_per_account_per_s: u32,
+    /// Room joins per account per second (bursts of twice that); more get `rate_limited`.
+    pub joins_per_account_per_s: u32,
 }
 
 impl Default for Limits {
@@ -40,6 +54,13 @@ impl Default for Limits {
             max_outbound: 256,
             max_errors_per_minute: 120,
             max_inflight: 64,
+            login_per_ip_per_minute: 10,
+            login_per_email_per_hour: 100,
+            api_per_ip_per_s: 100,
+            api_per_account_per_s: 200,
+            connects_per_ip_per_s: 500,
+            connects_per_account_per_s: 1000,
+            joins_per_account_per_s: 2000,
         }
     }
 }

@@ -63,6 +63,20 @@ pub struct ResolveRoom {
     pub room: Arc<str>,
 }
 
+/// How many rooms an account's plan allows; a join that would start one more is refused with
+/// `plan_limit` (live rooms are never stopped by a lower limit).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetPlanRooms {
+    pub account: Arc<str>,
+    pub max_rooms: usize,
+}
+
+/// Live rooms per account (for usage and plan alerts).
+#[derive(Message)]
+#[rtype(result = "HashMap<Arc<str>, usize>")]
+pub struct RoomCounts;
+
 /// The room actor if it is live; never starts one.
 #[derive(Message)]
 #[rtype(result = "Option<Addr<RoomActor>>")]
@@ -151,6 +165,8 @@ pub struct Registry {
     accounts: HashMap<Arc<str>, Slot<AccountActor>>,
     rooms: HashMap<(Arc<str>, Arc<str>), Slot<RoomActor>>,
     rooms_per_account: HashMap<Arc<str>, usize>,
+    /// Rooms each account's plan allows (absent: only `limits.max_rooms_per_account`).
+    plan_rooms: HashMap<Arc<str>, usize>,
     sessions: HashMap<SessionId, SessionEntry>,
     by_account: HashMap<Arc<str>, HashSet<SessionId>>,
     restarts: u64,
@@ -169,6 +185,7 @@ impl Registry {
             accounts: HashMap::new(),
             rooms: HashMap::new(),
             rooms_per_account: HashMap::new(),
+            plan_rooms: HashMap::new(),
             sessions: HashMap::new(),
             by_account: HashMap::new(),
             restarts: 0,
@@ -269,8 +286,18 @@ impl Registry {
         }
         let count = self.rooms_per_account.get(account).copied().unwrap_or(0);
         let replacing = self.rooms.contains_key(&key);
-        if !replacing && count >= self.cfg.limits.max_rooms_per_account {
-            return Err(Reason::RoomLimit);
+        if !replacing {
+            // The node's own cap first: past it the plan does not matter.
+            if count >= self.cfg.limits.max_rooms_per_account {
+                return Err(Reason::RoomLimit);
+            }
+            if self
+                .plan_rooms
+                .get(account)
+                .is_some_and(|max| count >= *max)
+            {
+                return Err(Reason::PlanLimit);
+            }
         }
         if !replacing {
             *self.rooms_per_account.entry(account.clone()).or_default() += 1;
@@ -569,6 +596,28 @@ impl Handler<Restore> for Registry {
             }
         }
         MessageResult((ghosts, started))
+    }
+}
+
+impl Handler<SetPlanRooms> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetPlanRooms, _: &mut Context<Self>) {
+        self.plan_rooms.insert(msg.account, msg.max_rooms);
+    }
+}
+
+impl Handler<RoomCounts> for Registry {
+    type Result = MessageResult<RoomCounts>;
+
+    fn handle(&mut self, _: RoomCounts, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(
+            self.rooms_per_account
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(a, n)| (a.clone(), *n))
+                .collect(),
+        )
     }
 }
 

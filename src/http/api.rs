@@ -84,8 +84,8 @@ pub async fn metrics(state: Data) -> HttpResponse {
     HttpResponse::Ok().content_type(enc.format_type()).body(buf)
 }
 
-fn client_ip(req: &HttpRequest) -> Option<String> {
-    req.peer_addr().map(|a| a.ip().to_string())
+fn client_ip(state: &AppState, req: &HttpRequest) -> Option<String> {
+    state.rate.client_ip(req).map(|ip| ip.to_string())
 }
 
 /// Writes an audit entry off the worker thread; a failure is logged, never fatal to the request.
@@ -170,6 +170,24 @@ pub async fn login(
             "email or password too long",
         ));
     }
+    // Throttled before any password work: a flood costs no argon2 time, and is audited once a
+    // minute per address, not once per attempt.
+    if let Some(ip) = state.rate.client_ip(&req) {
+        if let Err(t) = state.rate.login(ip, &email) {
+            if state.rate.audit_throttle(ip) {
+                log::warn!("login attempts from {ip} throttled ({})", t.scope);
+                audit(
+                    &state,
+                    None,
+                    None,
+                    "login_throttled",
+                    Some(&email.trim().to_lowercase()),
+                    Some(ip.to_string()),
+                );
+            }
+            return Err(ApiError::throttled(t));
+        }
+    }
     let st = state.clone();
     let result = web::block(move || -> Result<Result<Value, store::User>, ApiError> {
         let invalid = || ApiError::unauthorized("invalid_credentials", "wrong email or password");
@@ -199,7 +217,7 @@ pub async fn login(
                 Some(&uid),
                 "login",
                 None,
-                client_ip(&req),
+                client_ip(&state, &req),
             );
             Ok(HttpResponse::Ok().json(pair))
         }
@@ -210,7 +228,7 @@ pub async fn login(
                 Some(&u.id),
                 "login_failed",
                 None,
-                client_ip(&req),
+                client_ip(&state, &req),
             );
             Err(ApiError::unauthorized(
                 "invalid_credentials",
@@ -239,7 +257,7 @@ pub async fn refresh(
 ) -> Result<HttpResponse, ApiError> {
     let token = body.into_inner().refresh_token;
     let st = state.clone();
-    let ip = client_ip(&req);
+    let ip = client_ip(&state, &req);
     let out = web::block(move || -> Result<Value, ApiError> {
         let invalid = || {
             ApiError::unauthorized(
@@ -308,7 +326,7 @@ pub async fn logout(
         Some(&caller.0.sub),
         "logout",
         None,
-        client_ip(&req),
+        client_ip(&state, &req),
     );
     Ok(HttpResponse::NoContent().finish())
 }
@@ -411,7 +429,7 @@ pub async fn create_account(
         Some(&caller.0.sub),
         "account_created",
         Some(&account.id),
-        client_ip(&req),
+        client_ip(&state, &req),
     );
     Ok(HttpResponse::Created().json(account_json(&account, true)))
 }
@@ -445,9 +463,22 @@ async fn account_actor(
         .map_err(|_| ApiError::unavailable("shutting down"))
 }
 
-/// The account must exist (else 404) and the caller may read it.
+/// The account must exist (else 404) and the caller may read it: admins and the account's
+/// owners and members. Viewers see the dashboard only (`GET /dashboard/:id` and the account
+/// socket): 403 here.
 async fn readable_account(state: &Data, caller: &Caller, id: &str) -> Result<(), ApiError> {
     caller.read(id)?;
+    if caller.0.role == "viewer" {
+        return Err(ApiError::forbidden(
+            "forbidden",
+            "viewers see the dashboard only",
+        ));
+    }
+    existing_account(state, id).await
+}
+
+/// 404 unless the account exists.
+async fn existing_account(state: &Data, id: &str) -> Result<(), ApiError> {
     if state.keyring.get(id).is_some() || state.load_account_keys(id).await?.is_some() {
         Ok(())
     } else {
@@ -477,29 +508,32 @@ pub async fn list_rooms(
 ) -> Result<HttpResponse, ApiError> {
     let id = path.into_inner();
     readable_account(&state, &caller, &id).await?;
+    let out = room_occupancy(&state, &id).await?;
+    let counts = match account_actor(&state, &id).await {
+        Ok(a) => a.send(Counts).await.ok(),
+        Err(_) => None,
+    };
+    Ok(HttpResponse::Ok().json(json!({ "account": id, "rooms": out, "totals": counts })))
+}
+
+/// Every live room of an account with its users and sessions.
+async fn room_occupancy(state: &Data, id: &str) -> Result<Vec<Value>, ApiError> {
     let rooms = state
         .registry
-        .send(ListRooms {
-            account: id.clone().into(),
-        })
+        .send(ListRooms { account: id.into() })
         .await
         .map_err(|_| ApiError::unavailable("registry unavailable"))?;
     // Rooms live on several arbiters: ask them all at once, not one round trip after another.
     let answers =
         futures_util::future::join_all(rooms.iter().map(|(_, a)| a.send(Occupancy))).await;
-    let out: Vec<Value> = rooms
+    Ok(rooms
         .iter()
         .zip(answers)
         .filter_map(|((name, _), a)| {
             let (users, sessions) = a.ok()?;
             Some(json!({ "room": &**name, "users": users, "sessions": sessions }))
         })
-        .collect();
-    let counts = match account_actor(&state, &id).await {
-        Ok(a) => a.send(Counts).await.ok(),
-        Err(_) => None,
-    };
-    Ok(HttpResponse::Ok().json(json!({ "account": id, "rooms": out, "totals": counts })))
+        .collect())
 }
 
 #[derive(Deserialize)]
@@ -619,7 +653,7 @@ pub async fn kick_session(
         Some(&caller.0.sub),
         "session_kicked",
         Some(&session),
-        client_ip(&req),
+        client_ip(&state, &req),
     );
     Ok(HttpResponse::build(StatusCode::ACCEPTED).json(json!({ "kicked": session })))
 }
@@ -723,5 +757,206 @@ pub async fn presence_history(
         "to": to,
         "step": step,
         "series": points,
+    })))
+}
+
+/// Users listed by the dashboard endpoint at most (the account socket streams the rest).
+const DASHBOARD_USERS: usize = 100;
+/// Rooms listed by the dashboard endpoint at most, busiest first.
+const DASHBOARD_ROOMS: usize = 100;
+
+async fn usage_of(state: &Data, id: &str) -> Result<Arc<crate::usage::AccountUsage>, ApiError> {
+    state
+        .usage
+        .load(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("account"))
+}
+
+/// `GET /dashboard/:id`: what a dashboard shows first, in one call: the account, who is online
+/// (the first users; the account socket streams the rest), rooms with occupancy, usage against
+/// the plan and this period's alerts. Any role of the account, viewers included.
+pub async fn dashboard(
+    state: Data,
+    caller: Caller,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = path.into_inner();
+    caller.read(&id)?;
+    let store = state.store.clone();
+    let (acc, month_start) = (id.clone(), crate::usage::month_of(now_ms()).1);
+    let found = web::block(move || {
+        let account = store.get_account(&acc)?;
+        let alerts = store.list_alerts(&acc, month_start)?;
+        Ok::<_, store::StoreError>((account, alerts))
+    })
+    .await?;
+    let (account, alerts) = match found {
+        Ok(x) => x,
+        Err(store::StoreError::NotFound) => return Err(ApiError::not_found("account")),
+        Err(e) => return Err(e.into()),
+    };
+    let usage = usage_of(&state, &id).await?;
+    let addr = account_actor(&state, &id).await?;
+    let mut here = addr
+        .send(AccountHereNow)
+        .await
+        .map_err(|_| ApiError::unavailable("account actor restarting"))?;
+    let mut truncated = false;
+    if let Some(p) = here["presences"].as_object_mut() {
+        if p.len() > DASHBOARD_USERS {
+            truncated = true;
+            let keep: serde_json::Map<String, Value> = std::mem::take(p)
+                .into_iter()
+                .take(DASHBOARD_USERS)
+                .collect();
+            *p = keep;
+        }
+    }
+    let mut rooms = room_occupancy(&state, &id).await?;
+    let room_count = rooms.len();
+    rooms.sort_by(|a, b| {
+        b["users"]
+            .as_u64()
+            .cmp(&a["users"].as_u64())
+            .then_with(|| a["room"].as_str().cmp(&b["room"].as_str()))
+    });
+    rooms.truncate(DASHBOARD_ROOMS);
+    Ok(HttpResponse::Ok().json(json!({
+        "account": account_json(&account, false),
+        "online": {
+            "users": here["users"],
+            "connections": here["connections"],
+            "presences": here["presences"],
+            "truncated": truncated,
+        },
+        "rooms": { "total": room_count, "busiest": rooms },
+        "usage": usage.json(room_count as i64, now_ms()),
+        "alerts": alerts,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageQuery {
+    /// Unix ms; default `to` minus 24 hours.
+    from: Option<i64>,
+    /// Unix ms; default now.
+    to: Option<i64>,
+    /// Bucket width in ms, a multiple of 60 000; default fits the range in about 300 points.
+    step: Option<i64>,
+}
+
+const MINUTE: i64 = 60_000;
+
+/// `GET /usage/:id?from=&to=&step=`: per-bucket peak connections, connection-seconds, messages
+/// in/out and joins, from the per-minute rows plus the minute in progress. Owners, members and
+/// admins.
+pub async fn usage(
+    state: Data,
+    caller: Caller,
+    path: web::Path<String>,
+    q: web::Query<UsageQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let id = path.into_inner();
+    readable_account(&state, &caller, &id).await?;
+    let now = now_ms();
+    let to = q.to.unwrap_or(now);
+    let from = q.from.unwrap_or(to - 24 * 3_600_000);
+    if from >= to || from < 0 {
+        return Err(ApiError::bad_request(
+            "invalid_range",
+            "from must be before to (unix milliseconds)",
+        ));
+    }
+    let span = to - from;
+    let min_step = ((span + MAX_POINTS - 1) / MAX_POINTS).max(MINUTE);
+    let step = match q.step {
+        Some(s) if s < MINUTE || s % MINUTE != 0 => {
+            return Err(ApiError::bad_request(
+                "invalid_step",
+                "step is a multiple of 60000 ms",
+            ))
+        }
+        Some(s) => s.max(min_step),
+        None => ((span + 299) / 300).max(min_step),
+    };
+    // Whole minutes per bucket.
+    let step = (step + MINUTE - 1) / MINUTE * MINUTE;
+    let from = crate::usage::minute_of(from);
+    let store = state.store.clone();
+    let acc = id.clone();
+    let mut rows = web::block(move || store.usage_rows(&acc, from, to, 600_000)).await??;
+    if let Some(u) = state.usage.get(&id) {
+        let current = u.current_row(now);
+        if current.minute >= from && current.minute < to {
+            rows.push(current);
+        }
+    }
+    let buckets = ((to - from + step - 1) / step) as usize;
+    let mut series: Vec<store::UsageTotals> = vec![store::UsageTotals::default(); buckets];
+    let mut totals = store::UsageTotals::default();
+    for r in &rows {
+        let i = ((r.minute - from) / step) as usize;
+        if let Some(b) = series.get_mut(i) {
+            b.add(r);
+            totals.add(r);
+        }
+    }
+    let points: Vec<Value> = series
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let mut v = serde_json::to_value(t).unwrap_or_default();
+            v["at"] = Value::from(from + i as i64 * step);
+            v
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({
+        "account": id,
+        "from": from,
+        "to": to,
+        "step": step,
+        "series": points,
+        "totals": totals,
+    })))
+}
+
+/// `GET /billing/:id`: the plan and its limits, usage this period (the calendar month, UTC),
+/// usage now against the limits, and this period's alerts. Owners and admins.
+pub async fn billing(
+    state: Data,
+    caller: Caller,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = path.into_inner();
+    caller.manage(&id)?;
+    existing_account(&state, &id).await?;
+    let now = now_ms();
+    let (period, start, end) = crate::usage::month_of(now);
+    let store = state.store.clone();
+    let acc = id.clone();
+    let (plan, rows, alerts) = web::block(move || {
+        Ok::<_, store::StoreError>((
+            store.account_plan(&acc)?,
+            store.usage_rows(&acc, start, end, 50_000)?,
+            store.list_alerts(&acc, start)?,
+        ))
+    })
+    .await??;
+    let usage = usage_of(&state, &id).await?;
+    let mut totals = store::UsageTotals::default();
+    for r in &rows {
+        totals.add(r);
+    }
+    totals.add(&usage.current_row(now));
+    let rooms = room_occupancy(&state, &id).await?.len() as i64;
+    Ok(HttpResponse::Ok().json(json!({
+        "account": id,
+        "plan": plan,
+        "period": { "name": period, "start": start, "end": end },
+        "usage": totals,
+        "now": usage.json(rooms, now),
+        "alerts": alerts,
     })))
 }

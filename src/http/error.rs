@@ -66,6 +66,21 @@ impl ApiError {
         )
     }
 
+    /// 429 with `Retry-After`.
+    pub fn throttled(t: crate::limits::Throttled) -> ApiError {
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "too many requests ({}); retry after {} s",
+                t.scope,
+                t.retry_after_s()
+            ),
+        );
+        e.retry_after = Some(t.retry_after_s());
+        e
+    }
+
     pub fn from_token(e: TokenError) -> ApiError {
         ApiError::unauthorized(e.code(), &e.to_string())
     }

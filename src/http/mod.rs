@@ -37,6 +37,9 @@ pub struct AppState {
     pub prometheus: prometheus::Registry,
     pub node: String,
     pub persistence: crate::persist::Persistence,
+    pub usage: crate::usage::UsageBook,
+    pub meter: Addr<crate::usage::UsageMeter>,
+    pub rate: Arc<crate::limits::RateLimits>,
 }
 
 impl AppState {
@@ -131,6 +134,39 @@ impl FromRequest for Caller {
     }
 }
 
+/// Per-IP and per-account request limits of the API (429 with `Retry-After`). The socket
+/// upgrade has its own connect limits and is not counted here.
+async fn api_rate_limit(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<actix_web::body::BoxBody>,
+) -> Result<actix_web::dev::ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
+    if let Some(state) = req.app_data::<web::Data<AppState>>() {
+        if !req.path().ends_with("/websocket") {
+            if let Some(ip) = state.rate.client_ip(req.request()) {
+                state.rate.api_ip(ip).map_err(ApiError::throttled)?;
+            }
+            let token = req
+                .headers()
+                .get("authorization")
+                .and_then(|h| h.to_str().ok())
+                .and_then(|h| {
+                    h.strip_prefix("Bearer ")
+                        .or_else(|| h.strip_prefix("bearer "))
+                });
+            // Only a verified token names whose budget a request spends: a forged one cannot
+            // exhaust another account's.
+            if let Some(Ok(c)) = token.map(|t| state.keys.verify_access(t.trim())) {
+                let key = match &c.acc {
+                    Some(a) => format!("acc:{a}"),
+                    None => format!("user:{}", c.sub),
+                };
+                state.rate.api_account(&key).map_err(ApiError::throttled)?;
+            }
+        }
+    }
+    next.call(req).await
+}
+
 /// Every route of the server.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.app_data(
@@ -147,7 +183,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .route("/socket/websocket", web::get().to(socket::upgrade))
     .service(
         web::scope("/api/v1")
+            .wrap(actix_web::middleware::from_fn(api_rate_limit))
             .route("/realtime/websocket", web::get().to(socket::upgrade))
+            .route("/dashboard/{id}", web::get().to(api::dashboard))
+            .route("/usage/{id}", web::get().to(api::usage))
+            .route("/billing/{id}", web::get().to(api::billing))
             .route("/auth/login", web::post().to(api::login))
             .route("/auth/refresh", web::post().to(api::refresh))
             .route("/auth/logout", web::post().to(api::logout))

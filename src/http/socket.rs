@@ -71,6 +71,9 @@ pub async fn upgrade(
             .and_then(auth::token_from_subprotocols),
     };
     let token = token.ok_or_else(|| ApiError::from_token(TokenError::Missing))?;
+    if let Some(ip) = state.rate.client_ip(&req) {
+        state.rate.connect_ip(ip).map_err(ApiError::throttled)?;
+    }
     let principal = authenticate(&state, &token).await?;
     let limits = &state.engine.limits;
     let (account, user, name, token_meta) = match &principal {
@@ -84,6 +87,30 @@ pub async fn upgrade(
             (c.acc.clone(), c.sub.clone(), c.name.clone(), c.meta.clone())
         }
         Principal::Staff(c) => (c.acc.clone().unwrap_or_default(), c.sub.clone(), None, None),
+    };
+    // End users count against their account's rate and plan; dashboards do not.
+    let slot = match &principal {
+        Principal::User(_) => {
+            state
+                .rate
+                .connect_account(&account)
+                .map_err(ApiError::throttled)?;
+            let usage = state
+                .usage
+                .load(&account)
+                .await?
+                .ok_or_else(|| ApiError::from_token(TokenError::UnknownAccount))?;
+            Some(usage.try_connect().map_err(|over| {
+                ApiError::forbidden(
+                    "plan_limit",
+                    &format!(
+                        "the account's plan allows {} concurrent connections",
+                        over.limit
+                    ),
+                )
+            })?)
+        }
+        Principal::Staff(_) => None,
     };
     let mut fields = token_meta.unwrap_or_default();
     if serde_json::to_string(&fields).map(|s| s.len()).unwrap_or(0) > limits.max_meta_bytes {
@@ -126,6 +153,8 @@ pub async fn upgrade(
         errors: (Instant::now(), 0),
         inflight: 0,
         departure_now: false,
+        rate: state.rate.clone(),
+        slot,
     };
     ws::WsResponseBuilder::new(session, &req, stream)
         .frame_size(MAX_FRAME_HARD_CAP)
@@ -210,11 +239,23 @@ pub struct SessionActor {
     inflight: usize,
     /// Kicked sessions leave at once; dropped ones leave after the grace window.
     departure_now: bool,
+    rate: Arc<crate::limits::RateLimits>,
+    /// This connection's place in its account's plan and usage (end users only); dropped with
+    /// the actor, which gives the slot back.
+    slot: Option<crate::usage::ConnectionSlot>,
 }
 
 type Ctx = ws::WebsocketContext<SessionActor>;
 
 impl SessionActor {
+    /// Counts a client push against the plan's daily messages; false when over the limit.
+    /// Dashboards (no slot) are not metered.
+    fn count_message_in(&self) -> bool {
+        self.slot
+            .as_ref()
+            .is_none_or(|slot| slot.usage().message_in().is_ok())
+    }
+
     fn addr_recipient(ctx: &Ctx) -> Recipient<ToSession> {
         ctx.address().recipient()
     }
@@ -344,6 +385,12 @@ impl SessionActor {
         }
         if !protocol::valid_room_name(name, self.cfg.limits.max_room_name_len) {
             return reply_err(self, ctx, Reason::InvalidRoomName);
+        }
+        if !rejoin && self.rate.join(&self.account).is_err() {
+            return reply_err(self, ctx, Reason::RateLimited);
+        }
+        if let Some(slot) = &self.slot {
+            slot.usage().joined();
         }
         let (status, join_fields) = match self.parse_presence_payload(&f.payload, true) {
             Ok(v) => v,
@@ -590,6 +637,9 @@ impl SessionActor {
             Ok(v) => v,
             Err(r) => return self.error(ctx, &f.join_ref, &f.msg_ref, &f.topic, r),
         };
+        if !self.count_message_in() {
+            return self.error(ctx, &f.join_ref, &f.msg_ref, &f.topic, Reason::PlanLimit);
+        }
         let fields = extra.map(|m| {
             let mut merged = (*meta.fields).clone();
             for (k, v) in m {
@@ -659,6 +709,9 @@ impl SessionActor {
                 &f.topic,
                 Reason::InvalidPayload,
             );
+        }
+        if !self.count_message_in() {
+            return self.error(ctx, &f.join_ref, &f.msg_ref, &f.topic, Reason::PlanLimit);
         }
         let msg = Broadcast {
             from: self.id,
@@ -826,23 +879,28 @@ impl Handler<ToSession> for SessionActor {
 
     fn handle(&mut self, msg: ToSession, ctx: &mut Ctx) {
         match msg {
-            ToSession::Frame { topic, frame } => match self.channels.get_mut(&*topic) {
-                Some(Channel {
-                    pending: Some(buf), ..
-                }) => {
-                    // Held until the join reply is written; bounded like the mailbox itself.
-                    if buf.len() >= self.cfg.limits.max_outbound {
-                        self.metrics
-                            .outbound_drops
-                            .with_label_values(&["slow_consumer"])
-                            .inc();
-                        return self.close(ctx, Reason::SlowConsumer);
-                    }
-                    buf.push(frame)
+            ToSession::Frame { topic, frame } => {
+                let Some(ch) = self.channels.get_mut(&*topic) else {
+                    return;
+                };
+                if let Some(slot) = &self.slot {
+                    slot.usage().messages_out(1);
                 }
-                Some(_) => ctx.text(frame),
-                None => {}
-            },
+                match &mut ch.pending {
+                    Some(buf) => {
+                        // Held until the join reply is written; bounded like the mailbox itself.
+                        if buf.len() >= self.cfg.limits.max_outbound {
+                            self.metrics
+                                .outbound_drops
+                                .with_label_values(&["slow_consumer"])
+                                .inc();
+                            return self.close(ctx, Reason::SlowConsumer);
+                        }
+                        buf.push(frame)
+                    }
+                    None => ctx.text(frame),
+                }
+            }
             ToSession::Evicted { topic, reason } => {
                 log::info!("session {} cut off from {topic}: {reason}", self.id);
                 self.close(ctx, reason);

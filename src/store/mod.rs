@@ -20,6 +20,7 @@ mod snapshots;
 pub mod testdb;
 #[cfg(test)]
 mod tests;
+mod usage;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -41,6 +42,7 @@ pub use snapshots::{
     Interval, IntervalClose, IntervalOpen, PruneReport, RetentionPolicy, Sample, SessionSnapshot,
     SnapshotBatch,
 };
+pub use usage::{BillingAlert, NewBillingAlert, UsageRow, UsageTotals};
 
 use models::AccountChanges;
 use schema::{accounts, audit_logs, plans, refresh_tokens, server_keys, user_presence, users};

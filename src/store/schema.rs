@@ -29,6 +29,19 @@ diesel::table! {
 }
 
 diesel::table! {
+    billing_alerts (id) {
+        id -> BigInt,
+        account_id -> Text,
+        period -> Text,
+        kind -> Text,
+        threshold -> Integer,
+        value -> BigInt,
+        limit_value -> BigInt,
+        at -> BigInt,
+    }
+}
+
+diesel::table! {
     plans (id) {
         id -> Text,
         max_connections -> BigInt,
@@ -140,6 +153,7 @@ diesel::joinable!(users -> accounts (account_id));
 diesel::allow_tables_to_appear_in_same_query!(
     accounts,
     audit_logs,
+    billing_alerts,
     plans,
     presence_intervals,
     presence_samples,
