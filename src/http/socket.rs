@@ -476,6 +476,10 @@ impl SessionActor {
                 (Ok((addr, joined)), Some(true)) => {
                     ctx.text(protocol::reply_ok(&join_ref, &msg_ref, &topic, &json!({})));
                     ctx.text(joined.state);
+                    if let Some(slot) = &act.slot {
+                        // The join's presence_state; later pushes count as they arrive.
+                        slot.usage().messages_out(1);
+                    }
                     if let Some(ch) = act.channels.get_mut(&topic) {
                         for frame in ch.pending.take().unwrap_or_default() {
                             ctx.text(frame);
