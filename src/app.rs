@@ -128,6 +128,7 @@ impl Application {
             prometheus,
             node,
             persistence,
+            users: http::admin::UserCache::default(),
         });
 
         let addr = settings.bind_addr()?;

@@ -1,6 +1,7 @@
 //! HTTP: the admin API under `/api/v1`, ops endpoints, and the WebSocket upgrade, all routed into
 //! the actor tree through the shared `AppState`.
 
+pub mod admin;
 pub mod api;
 pub mod error;
 pub mod socket;
@@ -10,7 +11,7 @@ use std::sync::Arc;
 use actix::Addr;
 use actix_web::dev::Payload;
 use actix_web::{web, FromRequest, HttpRequest};
-use futures_util::future::{ready, Ready};
+use futures_util::future::LocalBoxFuture;
 
 use presence_actors::presence::IdGen;
 use presence_actors::registry::Registry;
@@ -37,6 +38,8 @@ pub struct AppState {
     pub prometheus: prometheus::Registry,
     pub node: String,
     pub persistence: crate::persist::Persistence,
+    /// Dashboard users as access tokens are checked against (deleted, disabled, role).
+    pub users: admin::UserCache,
 }
 
 impl AppState {
@@ -103,12 +106,12 @@ impl Caller {
 
 impl FromRequest for Caller {
     type Error = ApiError;
-    type Future = Ready<Result<Caller, ApiError>>;
+    type Future = LocalBoxFuture<'static, Result<Caller, ApiError>>;
 
+    /// Verifies the bearer access token, then checks that its user still exists, is enabled
+    /// and still has the token's role and account (`token_revoked` otherwise).
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let Some(state) = req.app_data::<web::Data<AppState>>() else {
-            return ready(Err(ApiError::internal()));
-        };
+        let state = req.app_data::<web::Data<AppState>>().cloned();
         let token = req
             .headers()
             .get("authorization")
@@ -116,17 +119,19 @@ impl FromRequest for Caller {
             .and_then(|h| {
                 h.strip_prefix("Bearer ")
                     .or_else(|| h.strip_prefix("bearer "))
-            });
-        ready(match token {
-            None => Err(ApiError::unauthorized(
-                "missing_token",
-                "send Authorization: Bearer <access token>",
-            )),
-            Some(t) => state
+            })
+            .map(|t| t.trim().to_string());
+        Box::pin(async move {
+            let state = state.ok_or_else(ApiError::internal)?;
+            let token = token.ok_or_else(|| {
+                ApiError::unauthorized("missing_token", "send Authorization: Bearer <access token>")
+            })?;
+            let claims = state
                 .keys
-                .verify_access(t.trim())
-                .map(Caller)
-                .map_err(ApiError::from_token),
+                .verify_access(&token)
+                .map_err(ApiError::from_token)?;
+            admin::ensure_live(&state, &claims).await?;
+            Ok(Caller(claims))
         })
     }
 }
