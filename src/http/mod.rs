@@ -159,6 +159,16 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route("/accounts", web::get().to(api::list_accounts))
             .route("/accounts", web::post().to(api::create_account))
             .route("/accounts/{id}", web::get().to(api::get_account))
+            .route("/accounts/{id}/users", web::get().to(admin::list_users))
+            .route(
+                "/accounts/{id}/secret/rotate",
+                web::post().to(admin::rotate_secret),
+            )
+            .route("/account/{id}", web::put().to(admin::update_account))
+            .route("/users", web::post().to(admin::create_user))
+            .route("/users/{user}", web::put().to(admin::update_user))
+            .route("/users/{user}", web::delete().to(admin::delete_user))
+            .route("/audit", web::get().to(admin::list_audit))
             .route(
                 "/accounts/{id}/presence",
                 web::get().to(api::account_presence),
