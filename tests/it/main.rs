@@ -1,5 +1,6 @@
 //! Integration tests: real nodes on port 0, real sockets, real SQLite files. One binary, so the
 //! suite links once.
+mod accounts;
 mod conformance;
 mod helpers;
 mod http;
