@@ -169,6 +169,7 @@ impl Application {
             usage,
             meter,
             rate,
+            users: http::admin::UserCache::default(),
         });
 
         let addr = settings.bind_addr()?;

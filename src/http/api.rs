@@ -366,7 +366,7 @@ fn default_plan() -> String {
 }
 
 /// Account names: 1..=100 characters, no control characters.
-fn valid_name(name: &str) -> bool {
+pub(crate) fn valid_name(name: &str) -> bool {
     let n = name.trim();
     !n.is_empty() && n.chars().count() <= 100 && !n.chars().any(char::is_control)
 }

@@ -1,6 +1,7 @@
 //! HTTP: the admin API under `/api/v1`, ops endpoints, and the WebSocket upgrade, all routed into
 //! the actor tree through the shared `AppState`.
 
+pub mod admin;
 pub mod api;
 pub mod error;
 pub mod socket;
@@ -10,7 +11,7 @@ use std::sync::Arc;
 use actix::Addr;
 use actix_web::dev::Payload;
 use actix_web::{web, FromRequest, HttpRequest};
-use futures_util::future::{ready, Ready};
+use futures_util::future::LocalBoxFuture;
 
 use presence_actors::presence::IdGen;
 use presence_actors::registry::Registry;
@@ -40,6 +41,8 @@ pub struct AppState {
     pub usage: crate::usage::UsageBook,
     pub meter: Addr<crate::usage::UsageMeter>,
     pub rate: Arc<crate::limits::RateLimits>,
+    /// Dashboard users as access tokens are checked against (deleted, disabled, role).
+    pub users: admin::UserCache,
 }
 
 impl AppState {
@@ -106,12 +109,12 @@ impl Caller {
 
 impl FromRequest for Caller {
     type Error = ApiError;
-    type Future = Ready<Result<Caller, ApiError>>;
+    type Future = LocalBoxFuture<'static, Result<Caller, ApiError>>;
 
+    /// Verifies the bearer access token, then checks that its user still exists, is enabled
+    /// and still has the token's role and account (`token_revoked` otherwise).
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let Some(state) = req.app_data::<web::Data<AppState>>() else {
-            return ready(Err(ApiError::internal()));
-        };
+        let state = req.app_data::<web::Data<AppState>>().cloned();
         let token = req
             .headers()
             .get("authorization")
@@ -119,17 +122,19 @@ impl FromRequest for Caller {
             .and_then(|h| {
                 h.strip_prefix("Bearer ")
                     .or_else(|| h.strip_prefix("bearer "))
-            });
-        ready(match token {
-            None => Err(ApiError::unauthorized(
-                "missing_token",
-                "send Authorization: Bearer <access token>",
-            )),
-            Some(t) => state
+            })
+            .map(|t| t.trim().to_string());
+        Box::pin(async move {
+            let state = state.ok_or_else(ApiError::internal)?;
+            let token = token.ok_or_else(|| {
+                ApiError::unauthorized("missing_token", "send Authorization: Bearer <access token>")
+            })?;
+            let claims = state
                 .keys
-                .verify_access(t.trim())
-                .map(Caller)
-                .map_err(ApiError::from_token),
+                .verify_access(&token)
+                .map_err(ApiError::from_token)?;
+            admin::ensure_live(&state, &claims).await?;
+            Ok(Caller(claims))
         })
     }
 }
@@ -194,6 +199,16 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route("/accounts", web::get().to(api::list_accounts))
             .route("/accounts", web::post().to(api::create_account))
             .route("/accounts/{id}", web::get().to(api::get_account))
+            .route("/accounts/{id}/users", web::get().to(admin::list_users))
+            .route(
+                "/accounts/{id}/secret/rotate",
+                web::post().to(admin::rotate_secret),
+            )
+            .route("/account/{id}", web::put().to(admin::update_account))
+            .route("/users", web::post().to(admin::create_user))
+            .route("/users/{user}", web::put().to(admin::update_user))
+            .route("/users/{user}", web::delete().to(admin::delete_user))
+            .route("/audit", web::get().to(admin::list_audit))
             .route(
                 "/accounts/{id}/presence",
                 web::get().to(api::account_presence),

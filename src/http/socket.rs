@@ -165,11 +165,15 @@ pub async fn upgrade(
 
 async fn authenticate(state: &web::Data<AppState>, token: &str) -> Result<Principal, ApiError> {
     match auth::key_need(token).map_err(ApiError::from_token)? {
-        KeyNeed::Server => state
-            .keys
-            .verify_access(token)
-            .map(Principal::Staff)
-            .map_err(ApiError::from_token),
+        KeyNeed::Server => {
+            let claims = state
+                .keys
+                .verify_access(token)
+                .map_err(ApiError::from_token)?;
+            // A dashboard user deleted, disabled or given another role since is refused here too.
+            crate::http::admin::ensure_live(state, &claims).await?;
+            Ok(Principal::Staff(claims))
+        }
         KeyNeed::Account(acc) => {
             let keys = match state.keyring.get(&acc) {
                 Some(k) => k,

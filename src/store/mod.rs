@@ -11,6 +11,7 @@
 //! transactions that read before they write use [`write_transaction`] (`BEGIN IMMEDIATE` on
 //! SQLite). Timestamps are unix milliseconds; ids are text made by [`new_id`].
 
+pub mod admin;
 mod connect;
 mod error;
 pub mod models;

@@ -1,8 +1,10 @@
 //! Integration tests: real nodes on port 0, real sockets, real SQLite files. One binary, so the
 //! suite links once.
+mod accounts;
 mod conformance;
 mod helpers;
 mod http;
 mod persistence;
 mod plans;
+mod roles;
 mod socket;

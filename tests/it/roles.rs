@@ -96,9 +96,27 @@ async fn role_matrix(db: Option<TempDatabase>) {
             let id = &acc.id;
             // (method, path, body, who may, status when allowed)
             let mut cases: Vec<(&str, String, Value, Needs, u16)> = vec![
-                ("GET", format!("/api/v1/dashboard/{id}"), Value::Null, Needs::AnyRole, 200),
-                ("GET", format!("/api/v1/accounts/{id}/presence"), Value::Null, Needs::Member, 200),
-                ("GET", format!("/api/v1/accounts/{id}/rooms"), Value::Null, Needs::Member, 200),
+                (
+                    "GET",
+                    format!("/api/v1/dashboard/{id}"),
+                    Value::Null,
+                    Needs::AnyRole,
+                    200,
+                ),
+                (
+                    "GET",
+                    format!("/api/v1/accounts/{id}/presence"),
+                    Value::Null,
+                    Needs::Member,
+                    200,
+                ),
+                (
+                    "GET",
+                    format!("/api/v1/accounts/{id}/rooms"),
+                    Value::Null,
+                    Needs::Member,
+                    200,
+                ),
                 (
                     "GET",
                     format!("/api/v1/accounts/{id}/rooms/lobby/presence"),
@@ -120,10 +138,34 @@ async fn role_matrix(db: Option<TempDatabase>) {
                     Needs::Member,
                     200,
                 ),
-                ("GET", format!("/api/v1/usage/{id}"), Value::Null, Needs::Member, 200),
-                ("GET", format!("/api/v1/billing/{id}"), Value::Null, Needs::Owner, 200),
-                ("GET", format!("/api/v1/accounts/{id}/users"), Value::Null, Needs::Owner, 200),
-                ("GET", format!("/api/v1/audit?account={id}"), Value::Null, Needs::Owner, 200),
+                (
+                    "GET",
+                    format!("/api/v1/usage/{id}"),
+                    Value::Null,
+                    Needs::Member,
+                    200,
+                ),
+                (
+                    "GET",
+                    format!("/api/v1/billing/{id}"),
+                    Value::Null,
+                    Needs::Owner,
+                    200,
+                ),
+                (
+                    "GET",
+                    format!("/api/v1/accounts/{id}/users"),
+                    Value::Null,
+                    Needs::Owner,
+                    200,
+                ),
+                (
+                    "GET",
+                    format!("/api/v1/audit?account={id}"),
+                    Value::Null,
+                    Needs::Owner,
+                    200,
+                ),
                 (
                     "PUT",
                     format!("/api/v1/account/{id}"),
@@ -191,7 +233,9 @@ async fn role_matrix(db: Option<TempDatabase>) {
                 let (got, v) = app.send(method, &path, Some(token), &body).await;
                 checked += 1;
                 if got != want {
-                    failures.push(format!("{role:?} {method} {path} (own: {own}): {got}, want {want}: {v}"));
+                    failures.push(format!(
+                        "{role:?} {method} {path} (own: {own}): {got}, want {want}: {v}"
+                    ));
                 }
                 if got == 404 && !own {
                     // Never another account's data in a refusal.
@@ -225,7 +269,12 @@ async fn role_matrix(db: Option<TempDatabase>) {
             }
         }
     }
-    assert!(failures.is_empty(), "{} of {checked} wrong:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {checked} wrong:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     // Without a token every API endpoint is 401.
     for path in ["/api/v1/accounts", "/api/v1/dashboard/x", "/api/v1/audit"] {
         let (s, v) = app.send("GET", path, None, "").await;
