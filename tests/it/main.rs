@@ -4,4 +4,5 @@ mod conformance;
 mod helpers;
 mod http;
 mod persistence;
+mod security;
 mod socket;
