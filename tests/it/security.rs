@@ -989,14 +989,22 @@ async fn sql_metacharacters_are_data_not_sql(backend: Backend) {
     let mut ws = app.connect(&app.user_token(acc, user)).await;
     let state = ws.join_ok(&format!("room:{room}"), json!({})).await;
     assert!(state.get(user).is_some(), "{state}");
-    let (status, v) = app
-        .get(
-            &format!("/api/v1/accounts/{}/users/{}/presence", acc.id, enc(user)),
-            &app.admin_token,
-        )
-        .await;
-    assert_eq!(status, 200, "{v}");
-    assert_eq!(v["online"], true, "{v}");
+    // The account learns the session's rooms asynchronously: ask until it has.
+    let path = format!("/api/v1/accounts/{}/users/{}/presence", acc.id, enc(user));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, v) = app.get(&path, &app.admin_token).await;
+        assert_eq!(status, 200, "{v}");
+        if v["rooms"] == json!([room]) {
+            assert_eq!(v["online"], true, "{v}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "where-now never shows {room}: {v}"
+        );
+        sleep(Duration::from_millis(20)).await;
+    }
     let (status, v) = app
         .get(
             &format!("/api/v1/accounts/{}/rooms/{}/presence", acc.id, enc(room)),
