@@ -127,7 +127,12 @@ fn map_jwt(e: jsonwebtoken::errors::Error) -> TokenError {
         K::ImmatureSignature => TokenError::NotYetValid,
         K::InvalidSignature => TokenError::Signature,
         K::InvalidAlgorithm | K::InvalidAlgorithmName => TokenError::Algorithm,
-        K::MissingRequiredClaim(_) | K::Json(_) | K::InvalidIssuer => TokenError::Claims,
+        K::MissingRequiredClaim(_)
+        | K::InvalidClaimFormat(_)
+        | K::Json(_)
+        | K::InvalidIssuer
+        | K::InvalidAudience
+        | K::InvalidSubject => TokenError::Claims,
         _ => TokenError::Malformed,
     }
 }
@@ -149,16 +154,31 @@ struct Peek {
     acc: Option<String>,
 }
 
-fn peek(token: &str) -> Result<Peek, TokenError> {
-    let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
-    if header.alg != Algorithm::HS256 {
-        return Err(TokenError::Algorithm);
-    }
-    let body = token.split('.').nth(1).ok_or(TokenError::Malformed)?;
+/// The JSON of one base64url segment of a JWT.
+fn segment<T: serde::de::DeserializeOwned>(part: &str) -> Result<T, TokenError> {
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(body.trim_end_matches('='))
+        .decode(part.trim_end_matches('='))
         .map_err(|_| TokenError::Malformed)?;
     serde_json::from_slice(&bytes).map_err(|_| TokenError::Malformed)
+}
+
+fn peek(token: &str) -> Result<Peek, TokenError> {
+    let mut parts = token.split('.');
+    let (Some(header), Some(body), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(TokenError::Malformed);
+    };
+    // `alg` is read as a plain string first: jsonwebtoken's `Algorithm` has no `none`, so
+    // `decode_header` would call an unsigned token merely malformed, hiding the attack.
+    let raw: Map<String, Value> = segment(header)?;
+    match raw.get("alg").and_then(Value::as_str) {
+        Some("HS256") => {}
+        Some(_) => return Err(TokenError::Algorithm),
+        None => return Err(TokenError::Malformed),
+    }
+    jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
+    segment(body)
 }
 
 /// Issues and checks the server's own access tokens.
@@ -380,7 +400,15 @@ mod tests {
     fn alg_none_and_expired_tokens_are_refused() {
         // {"alg":"none","typ":"JWT"}.{"sub":"u","acc":"a","exp":9999999999}.
         let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ1IiwiYWNjIjoiYSIsImV4cCI6OTk5OTk5OTk5OX0.";
-        assert!(key_need(none).is_err());
+        assert!(matches!(key_need(none), Err(TokenError::Algorithm)));
+        let server = ServerKeys::new(&"k".repeat(32), 60);
+        assert_eq!(
+            server.verify_access(none).unwrap_err(),
+            TokenError::Algorithm
+        );
+        // Not a JWT at all is still malformed, not an algorithm problem.
+        assert!(matches!(key_need("abc.def"), Err(TokenError::Malformed)));
+        assert!(matches!(key_need("a.b.c.d"), Err(TokenError::Malformed)));
         let keys = AccountKeys {
             current: "s".into(),
             previous: None,
@@ -402,6 +430,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(verify_user(&t, &keys).unwrap_err(), TokenError::NotYetValid);
+    }
+
+    #[test]
+    fn a_claim_of_the_wrong_format_is_invalid_claims_not_a_malformed_token() {
+        let keys = AccountKeys {
+            current: "s".into(),
+            previous: None,
+        };
+        let claims =
+            serde_json::json!({"sub":"u","acc":"a","exp": 9_999_999_999u64, "nbf": "soon"});
+        let t = encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(b"s"),
+        )
+        .unwrap();
+        assert_eq!(verify_user(&t, &keys).unwrap_err(), TokenError::Claims);
     }
 
     #[test]

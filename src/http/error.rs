@@ -145,12 +145,37 @@ pub fn json_error(
             "send application/json",
         ),
         J::Deserialize(d) if d.is_data() => {
-            ApiError::unprocessable("invalid_fields", d.to_string())
+            ApiError::unprocessable("invalid_fields", without_values(&d.to_string()))
         }
         J::Deserialize(d) => ApiError::bad_request("malformed_json", &d.to_string()),
         _ => ApiError::bad_request("bad_request", &err.to_string()),
     };
     e.into()
+}
+
+/// serde names the value it could not take: `invalid type: integer `7319462805`, expected a
+/// string`. That value may be a password or token sent with the wrong type, and the message is
+/// both returned and logged (actix's logger prints error responses at debug), so keep its kind
+/// and drop the value. Field names, line and column stay: they are what a client needs.
+fn without_values(msg: &str) -> String {
+    for prefix in ["invalid type: ", "invalid value: ", "unknown variant "] {
+        let Some(rest) = msg.strip_prefix(prefix) else {
+            continue;
+        };
+        // The value may itself contain ", expected "; the type's expectation never does.
+        let Some(exp) = rest.rfind(", expected ") else {
+            continue;
+        };
+        let kind = rest[..exp]
+            .split(['`', '"'])
+            .next()
+            .unwrap_or("")
+            .trim_end();
+        let prefix = prefix.trim_end();
+        let sep = if kind.is_empty() { "" } else { " " };
+        return format!("{prefix}{sep}{kind}{}", &rest[exp..]);
+    }
+    msg.to_string()
 }
 
 /// Query-string errors: 400 with the reason.
@@ -164,4 +189,49 @@ pub fn query_error(
 /// Path errors (for example a non-UTF-8 segment): 404, as nothing can live there.
 pub fn path_error(_: actix_web::error::PathError, _: &actix_web::HttpRequest) -> actix_web::Error {
     ApiError::not_found("resource").into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_values;
+
+    fn serde_message<T: serde::de::DeserializeOwned + std::fmt::Debug>(json: &str) -> String {
+        serde_json::from_str::<T>(json).unwrap_err().to_string()
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Login {
+        password: String,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    enum Plan {
+        Free,
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_is_not_repeated() {
+        let m = without_values(&serde_message::<Login>(r#"{"password": 7319462805}"#));
+        assert_eq!(
+            m,
+            "invalid type: integer, expected a string at line 1 column 23"
+        );
+        let m = without_values(&serde_message::<u64>(r#""hunter2, expected x""#));
+        assert!(!m.contains("hunter2"), "{m}");
+        assert!(m.starts_with("invalid type: string, expected"), "{m}");
+        let m = without_values(&serde_message::<Plan>(r#""s3cret""#));
+        assert!(!m.contains("s3cret"), "{m}");
+        assert!(m.starts_with("unknown variant, expected"), "{m}");
+    }
+
+    #[test]
+    fn messages_without_values_are_kept() {
+        for json in [r#"{}"#, r#"{"password": "x", "other": 1}"#] {
+            let m = serde_message::<Login>(json);
+            assert_eq!(without_values(&m), m);
+        }
+    }
 }

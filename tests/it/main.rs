@@ -7,4 +7,5 @@ mod http;
 mod persistence;
 mod plans;
 mod roles;
+mod security;
 mod socket;
