@@ -241,18 +241,23 @@ pub struct AccountKeys {
 /// round trip. Filled at start and on create/rotate; a miss falls back to the database.
 #[derive(Clone, Default)]
 pub struct KeyRing {
-    inner: Arc<RwLock<HashMap<String, AccountKeys>>>,
+    inner: Arc<RwLock<HashMap<String, (AccountKeys, std::time::Instant)>>>,
 }
 
 impl KeyRing {
     pub fn put(&self, account: &str, keys: AccountKeys) {
         if let Ok(mut m) = self.inner.write() {
-            m.insert(account.into(), keys);
+            m.insert(account.into(), (keys, std::time::Instant::now()));
         }
     }
 
     pub fn get(&self, account: &str) -> Option<AccountKeys> {
-        self.inner.read().ok()?.get(account).cloned()
+        self.inner.read().ok()?.get(account).map(|(k, _)| k.clone())
+    }
+
+    /// How long ago the account's keys were loaded (another node may have rotated since).
+    pub fn age(&self, account: &str) -> Option<std::time::Duration> {
+        Some(self.inner.read().ok()?.get(account)?.1.elapsed())
     }
 }
 

@@ -78,7 +78,7 @@ impl Default for ServerSettings {
     }
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseSettings {
     /// `sqlite://data/presenced.db` (default, embedded) or a file path.
@@ -95,7 +95,7 @@ impl Default for DatabaseSettings {
     }
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize, Default)]
+#[derive(Clone, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisSettings {
     /// `redis://host:port/db`; unset runs a single node.
@@ -194,7 +194,7 @@ impl Default for ClusterSettings {
     }
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BootstrapSettings {
     pub admin_email: String,
@@ -211,7 +211,7 @@ impl Default for BootstrapSettings {
     }
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSettings {
     /// Key for the server's own access tokens; generated once and kept in the database if unset.
@@ -297,6 +297,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("limits.connects_per_ip_per_s", "500 (bursts of 2x)"),
     ("limits.connects_per_account_per_s", "1000 (bursts of 2x)"),
     ("limits.joins_per_account_per_s", "2000 (bursts of 2x)"),
+    ("limits.joins_per_ip_per_s", "2000 (bursts of 2x)"),
     ("server.trusted_proxies", "[] (X-Forwarded-For ignored)"),
     ("server.cors_origins", "[] (same origin only)"),
     ("plans.enterprise.max_connections", "1000000"),
@@ -429,6 +430,7 @@ impl Settings {
                 l.connects_per_account_per_s,
             ),
             ("limits.joins_per_account_per_s", l.joins_per_account_per_s),
+            ("limits.joins_per_ip_per_s", l.joins_per_ip_per_s),
         ] {
             if v == 0 {
                 return Err(bad(name, "must be greater than 0"));
@@ -566,6 +568,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn debug_output_of_the_settings_hides_every_secret() {
+        let mut s = Settings::default();
+        s.database.url = "postgres://app:db-pass-123@db.internal/presenced".into();
+        s.redis.url = Some("redis://:redis-pass-456@cache:6379/0".into());
+        s.bootstrap.admin_password = Some("admin-pass-789".into());
+        s.auth.jwt_secret = Some("jwt-secret-jwt-secret-jwt-secret-0".into());
+        let text = format!("{s:?}");
+        for secret in [
+            "db-pass-123",
+            "redis-pass-456",
+            "admin-pass-789",
+            "jwt-secret",
+        ] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        assert!(text.contains("db.internal"), "{text}");
+        assert!(text.contains("[redacted]"), "{text}");
+    }
+
+    #[test]
     fn defaults_are_valid() {
         Settings::default().validate().unwrap();
     }
@@ -632,5 +654,54 @@ mod tests {
         let mut s = Settings::default();
         s.redis.url = Some("http://x".into());
         assert_eq!(s.validate().unwrap_err().setting, "redis.url");
+    }
+}
+
+/// What `{:?}` shows of a secret: whether it is set, never its value.
+fn secret(v: &Option<String>) -> &'static str {
+    match v {
+        Some(_) => "Some([redacted])",
+        None => "None",
+    }
+}
+
+// Settings may be logged whole; secrets and credentials in URLs must not be.
+impl std::fmt::Debug for DatabaseSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseSettings")
+            .field("url", &crate::store::redact_database_url(&self.url))
+            .field("pool_size", &self.pool_size)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field(
+                "url",
+                &self.url.as_deref().map(crate::store::redact_database_url),
+            )
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for BootstrapSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BootstrapSettings")
+            .field("admin_email", &self.admin_email)
+            .field("admin_password", &secret(&self.admin_password))
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for AuthSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthSettings")
+            .field("jwt_secret", &secret(&self.jwt_secret))
+            .field("access_ttl_s", &self.access_ttl_s)
+            .field("refresh_ttl_s", &self.refresh_ttl_s)
+            .field("rotation_grace_s", &self.rotation_grace_s)
+            .finish()
     }
 }

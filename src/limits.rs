@@ -88,6 +88,7 @@ pub struct RateLimits {
     connect_ip: Keyed<IpAddr>,
     connect_account: Keyed<String>,
     join_account: Keyed<String>,
+    join_ip: Keyed<IpAddr>,
     /// At most one `login_throttled` audit entry per IP per minute, however hard it hammers.
     throttle_audit: Keyed<IpAddr>,
     trusted_proxies: Vec<IpAddr>,
@@ -106,6 +107,7 @@ impl RateLimits {
                 per_second(l.connects_per_account_per_s),
             ),
             join_account: Keyed::new("joins_per_account", per_second(l.joins_per_account_per_s)),
+            join_ip: Keyed::new("joins_per_ip", per_second(l.joins_per_ip_per_s)),
             throttle_audit: Keyed::new("audit", per_minute(1)),
             trusted_proxies,
         }
@@ -141,7 +143,11 @@ impl RateLimits {
         self.connect_account.check(&account.to_string())
     }
 
-    pub fn join(&self, account: &str) -> Result<(), Throttled> {
+    /// A room join: the client's IP first (if known), then the account.
+    pub fn join(&self, ip: Option<IpAddr>, account: &str) -> Result<(), Throttled> {
+        if let Some(ip) = ip {
+            self.join_ip.check(&ip)?;
+        }
         self.join_account.check(&account.to_string())
     }
 
@@ -154,6 +160,7 @@ impl RateLimits {
         self.connect_ip.sweep();
         self.connect_account.sweep();
         self.join_account.sweep();
+        self.join_ip.sweep();
         self.throttle_audit.sweep();
     }
 

@@ -39,6 +39,8 @@ pub struct Limits {
     pub connects_per_account_per_s: u32,
     /// Room joins per account per second (bursts of twice that); more get `rate_limited`.
     pub joins_per_account_per_s: u32,
+    /// Room joins per client IP per second (bursts of twice that); more get `rate_limited`.
+    pub joins_per_ip_per_s: u32,
 }
 
 impl Default for Limits {
@@ -61,6 +63,7 @@ impl Default for Limits {
             connects_per_ip_per_s: 500,
             connects_per_account_per_s: 1000,
             joins_per_account_per_s: 2000,
+            joins_per_ip_per_s: 2000,
         }
     }
 }

@@ -37,6 +37,9 @@ const HEARTBEAT_CHECKS_PER_TIMEOUT: u32 = 4;
 /// Window over which error replies are counted for abuse.
 const ERROR_WINDOW: Duration = Duration::from_secs(60);
 /// Reserved event names a client may not broadcast.
+/// Least time between two reloads of an account's signing keys on a bad signature.
+const KEY_RELOAD_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 const RESERVED_EVENT_PREFIXES: [&str; 2] = ["phx_", "presence_"];
 
 #[derive(Deserialize)]
@@ -154,6 +157,7 @@ pub async fn upgrade(
         inflight: 0,
         departure_now: false,
         rate: state.rate.clone(),
+        ip: state.rate.client_ip(&req),
         slot,
     };
     ws::WsResponseBuilder::new(session, &req, stream)
@@ -182,7 +186,23 @@ async fn authenticate(state: &web::Data<AppState>, token: &str) -> Result<Princi
                     .await?
                     .ok_or_else(|| ApiError::from_token(TokenError::UnknownAccount))?,
             };
-            let claims = auth::verify_user(token, &keys).map_err(ApiError::from_token)?;
+            let claims = match auth::verify_user(token, &keys) {
+                // Another node may have rotated the secret: reload the keys, at most once a
+                // second per account so bad tokens cannot turn into a query each.
+                Err(TokenError::Signature)
+                    if state
+                        .keyring
+                        .age(&acc)
+                        .is_some_and(|a| a >= KEY_RELOAD_EVERY) =>
+                {
+                    let fresh = state
+                        .load_account_keys(&acc)
+                        .await?
+                        .ok_or_else(|| ApiError::from_token(TokenError::UnknownAccount))?;
+                    auth::verify_user(token, &fresh).map_err(ApiError::from_token)?
+                }
+                other => other.map_err(ApiError::from_token)?,
+            };
             if claims.acc != acc {
                 return Err(ApiError::from_token(TokenError::Claims));
             }
@@ -244,6 +264,8 @@ pub struct SessionActor {
     /// Kicked sessions leave at once; dropped ones leave after the grace window.
     departure_now: bool,
     rate: Arc<crate::limits::RateLimits>,
+    /// The client's address, for per-IP join limits.
+    ip: Option<std::net::IpAddr>,
     /// This connection's place in its account's plan and usage (end users only); dropped with
     /// the actor, which gives the slot back.
     slot: Option<crate::usage::ConnectionSlot>,
@@ -390,7 +412,7 @@ impl SessionActor {
         if !protocol::valid_room_name(name, self.cfg.limits.max_room_name_len) {
             return reply_err(self, ctx, Reason::InvalidRoomName);
         }
-        if !rejoin && self.rate.join(&self.account).is_err() {
+        if !rejoin && self.rate.join(self.ip, &self.account).is_err() {
             return reply_err(self, ctx, Reason::RateLimited);
         }
         if let Some(slot) = &self.slot {

@@ -369,6 +369,20 @@ async fn socket_connects_and_joins_past_their_rates_are_refused() {
     assert!(reasons.iter().any(|r| r == "rate_limited"), "{reasons:?}");
     let hb = c.push("", "phoenix", "heartbeat", json!({})).await;
     assert_eq!(c.expect_reply(&hb).await["status"], "ok");
+
+    // Joins per client IP: two accounts behind one address share its budget.
+    let app = spawn_app_with(|s| s.limits.joins_per_ip_per_s = 1).await;
+    let (x, y) = (app.create_account("X").await, app.create_account("Y").await);
+    let mut cx = app.connect(&app.user_token(&x, "x")).await;
+    let mut cy = app.connect(&app.user_token(&y, "y")).await;
+    let mut reasons = Vec::new();
+    for i in 0..5 {
+        for c in [&mut cx, &mut cy] {
+            let r = c.join(&format!("room:r{i}"), json!({})).await;
+            reasons.push(r["response"]["reason"].as_str().unwrap_or("ok").to_string());
+        }
+    }
+    assert!(reasons.iter().any(|r| r == "rate_limited"), "{reasons:?}");
 }
 
 async fn login_from(app: &TestApp, ip: &str, email: &str, password: &str) -> (u16, Option<String>) {
