@@ -563,6 +563,55 @@ fn config_error(e: config::ConfigError) -> ConfigError {
     bad(&setting, msg)
 }
 
+/// What `{:?}` shows of a secret: whether it is set, never its value.
+fn secret(v: &Option<String>) -> &'static str {
+    match v {
+        Some(_) => "Some([redacted])",
+        None => "None",
+    }
+}
+
+// Settings may be logged whole; secrets and credentials in URLs must not be.
+impl std::fmt::Debug for DatabaseSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseSettings")
+            .field("url", &crate::store::redact_database_url(&self.url))
+            .field("pool_size", &self.pool_size)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field(
+                "url",
+                &self.url.as_deref().map(crate::store::redact_database_url),
+            )
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for BootstrapSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BootstrapSettings")
+            .field("admin_email", &self.admin_email)
+            .field("admin_password", &secret(&self.admin_password))
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for AuthSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthSettings")
+            .field("jwt_secret", &secret(&self.jwt_secret))
+            .field("access_ttl_s", &self.access_ttl_s)
+            .field("refresh_ttl_s", &self.refresh_ttl_s)
+            .field("rotation_grace_s", &self.rotation_grace_s)
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -654,54 +703,5 @@ mod tests {
         let mut s = Settings::default();
         s.redis.url = Some("http://x".into());
         assert_eq!(s.validate().unwrap_err().setting, "redis.url");
-    }
-}
-
-/// What `{:?}` shows of a secret: whether it is set, never its value.
-fn secret(v: &Option<String>) -> &'static str {
-    match v {
-        Some(_) => "Some([redacted])",
-        None => "None",
-    }
-}
-
-// Settings may be logged whole; secrets and credentials in URLs must not be.
-impl std::fmt::Debug for DatabaseSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DatabaseSettings")
-            .field("url", &crate::store::redact_database_url(&self.url))
-            .field("pool_size", &self.pool_size)
-            .finish()
-    }
-}
-
-impl std::fmt::Debug for RedisSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisSettings")
-            .field(
-                "url",
-                &self.url.as_deref().map(crate::store::redact_database_url),
-            )
-            .finish()
-    }
-}
-
-impl std::fmt::Debug for BootstrapSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BootstrapSettings")
-            .field("admin_email", &self.admin_email)
-            .field("admin_password", &secret(&self.admin_password))
-            .finish()
-    }
-}
-
-impl std::fmt::Debug for AuthSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuthSettings")
-            .field("jwt_secret", &secret(&self.jwt_secret))
-            .field("access_ttl_s", &self.access_ttl_s)
-            .field("refresh_ttl_s", &self.refresh_ttl_s)
-            .field("rotation_grace_s", &self.rotation_grace_s)
-            .finish()
     }
 }
