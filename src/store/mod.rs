@@ -349,17 +349,6 @@ impl Store {
         )
     }
 
-    /// The dashboard users of one account, oldest first.
-    pub fn list_users(&self, account_id: &str) -> Result<Vec<User>, StoreError> {
-        self.with_conn(|conn| {
-            Ok(users::table
-                .filter(users::account_id.eq(account_id))
-                .select(User::as_select())
-                .order((users::created_at.asc(), users::id.asc()))
-                .load(conn)?)
-        })
-    }
-
     /// How many users have role `admin`, disabled ones included (so that start-up does not try
     /// to bootstrap a second admin over a disabled one with the same email).
     pub fn count_admins(&self) -> Result<i64, StoreError> {

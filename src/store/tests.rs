@@ -650,12 +650,13 @@ fn users_are_listed_per_account_and_admins_are_counted(db: Db) {
         .unwrap();
 
     let ids: Vec<_> = store
-        .list_users("acc_1")
+        .list_users_by_email("acc_1")
         .unwrap()
         .into_iter()
         .map(|u| u.id)
         .collect();
-    assert_eq!(ids, ["usr_1", "usr_2"]);
+    // Ordered by email: m@acme.io before owner@acme.io.
+    assert_eq!(ids, ["usr_2", "usr_1"]);
     assert_eq!(store.count_admins().unwrap(), 1);
 }
 
