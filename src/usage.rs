@@ -386,6 +386,21 @@ pub struct UsageMeter {
     /// Alerts already sent (or found recorded): `(account, kind, threshold, period)`.
     alerted: HashSet<(Arc<str>, &'static str, i32, String)>,
     accounts: HashMap<Arc<str>, Addr<AccountActor>>,
+    /// Ticks so far: `usage_changed` goes out at most once per tick and account.
+    ticks: u64,
+}
+
+/// How many ticks the meter has run (tests relate `usage_changed` pushes to it).
+#[derive(Message)]
+#[rtype(result = "u64")]
+pub struct Ticks;
+
+impl Handler<Ticks> for UsageMeter {
+    type Result = u64;
+
+    fn handle(&mut self, _: Ticks, _: &mut Context<Self>) -> u64 {
+        self.ticks
+    }
 }
 
 impl UsageMeter {
@@ -402,6 +417,7 @@ impl UsageMeter {
             writing: false,
             alerted: HashSet::new(),
             accounts: HashMap::new(),
+            ticks: 0,
         }
     }
 
@@ -434,6 +450,7 @@ impl UsageMeter {
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
+        self.ticks += 1;
         let now = now_ms();
         let elapsed = (now - self.last_tick).clamp(0, 10_000);
         self.last_tick = now;

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use presenced::config::PlanQuota;
 use presenced::store::testdb::TempDatabase;
 use presenced::store::Store;
-use presenced::usage::FlushUsage;
+use presenced::usage::{FlushUsage, Ticks};
 
 use crate::helpers::*;
 
@@ -508,4 +508,49 @@ async fn cors_allows_configured_origins_only_and_defaults_to_same_origin() {
     assert_eq!(allow.as_deref(), Some("https://dash.example"));
     let (_, allow) = cors_headers(&app, "GET", "https://dash.example.evil").await;
     assert_eq!(allow, None);
+}
+
+#[actix_web::test]
+async fn usage_changed_goes_out_at_most_once_per_meter_tick_however_busy_the_account() {
+    let app = spawn_app().await;
+    let acc = app.create_account("Chatty").await;
+    let topic = format!("account:{}", acc.id);
+    let mut dash = app.connect(&app.admin_token).await;
+    dash.join_ok(&topic, json!({})).await;
+    let mut c = app.connect(&app.user_token(&acc, "talker")).await;
+    c.join_ok("room:r", json!({})).await;
+    let before = app.state.meter.send(Ticks).await.unwrap();
+    for i in 0..200 {
+        let r = c
+            .push(
+                "1",
+                "room:r",
+                "broadcast",
+                json!({"event": "e", "payload": {"i": i}}),
+            )
+            .await;
+        assert_eq!(c.expect_reply(&r).await["status"], "ok");
+    }
+    // Count every usage_changed until one shows all 200 pushes.
+    let mut pushes = 0;
+    loop {
+        let v = dash
+            .expect("usage_changed", is_event(&topic, "usage_changed"))
+            .await;
+        // Only those that saw a push: earlier ones came from ticks before `before`.
+        if v[4]["messages_today"]["used"].as_i64().unwrap_or(0) > 0 {
+            pushes += 1;
+        }
+        if v[4]["messages_today"]["used"] == 200 {
+            break;
+        }
+    }
+    let after = app.state.meter.send(Ticks).await.unwrap();
+    // Every push came from a distinct tick (the first may be from the tick before `before`).
+    assert!(
+        pushes <= after - before + 1,
+        "{pushes} usage_changed in {} ticks",
+        after - before
+    );
+    assert!(pushes < 200, "coalesced, not one per message");
 }
