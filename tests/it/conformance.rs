@@ -6,20 +6,24 @@ use std::process::Command;
 
 use crate::helpers::*;
 
-fn js_dir() -> PathBuf {
+pub(crate) fn js_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js")
 }
 
-/// Installs the pinned client once (`npm ci`), so `cargo test` alone is enough on a fresh clone.
-fn ensure_node_modules() {
+/// Installs the pinned packages once (`npm ci`), so `cargo test` alone is enough on a fresh clone.
+/// Tests call it concurrently: one `npm ci` at a time.
+pub(crate) fn ensure_node_modules() {
+    static NPM: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = NPM.lock().unwrap_or_else(|e| e.into_inner());
     let dir = js_dir();
     let node = Command::new("node").arg("--version").output();
     assert!(
         node.map(|o| o.status.success()).unwrap_or(false),
         "Node.js is required for the phoenix.js conformance test (install nodejs and npm)"
     );
-    if dir.join("node_modules/phoenix/package.json").exists()
-        && dir.join("node_modules/ws/package.json").exists()
+    if ["phoenix", "ws", "playwright-core"]
+        .iter()
+        .all(|p| dir.join("node_modules").join(p).join("package.json").exists())
     {
         return;
     }
