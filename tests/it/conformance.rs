@@ -21,10 +21,12 @@ pub(crate) fn ensure_node_modules() {
         node.map(|o| o.status.success()).unwrap_or(false),
         "Node.js is required for the phoenix.js conformance test (install nodejs and npm)"
     );
-    if ["phoenix", "ws", "playwright-core"]
-        .iter()
-        .all(|p| dir.join("node_modules").join(p).join("package.json").exists())
-    {
+    if ["phoenix", "ws", "playwright-core"].iter().all(|p| {
+        dir.join("node_modules")
+            .join(p)
+            .join("package.json")
+            .exists()
+    }) {
         return;
     }
     let out = Command::new("npm")

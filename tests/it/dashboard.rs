@@ -133,7 +133,14 @@ fn run_scenario(
         status.success() && failed.is_empty() && out.contains(" passed, 0 failed"),
         "dashboard scenario {scenario} failed ({status}):\n{}\n--- stderr:\n{}",
         failed.join("\n"),
-        stderr.chars().rev().take(4000).collect::<String>().chars().rev().collect::<String>()
+        stderr
+            .chars()
+            .rev()
+            .take(4000)
+            .collect::<String>()
+            .chars()
+            .rev()
+            .collect::<String>()
     );
 }
 
@@ -151,18 +158,23 @@ async fn run_in_process(
         })
     })
     .await
-    .expect("scenario ran");
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
 }
 
 /// (a) An admin picks the account and watches a user join, change status and leave; filters,
 /// counters, rooms and the feed follow.
 #[actix_web::test]
 async fn dashboard_shows_joins_status_changes_and_leaves_live() {
-    let Some((_browser, chromium)) = prepare().await else { return };
+    let Some((_browser, chromium)) = prepare().await else {
+        return;
+    };
     let app = spawn_app_with(dashboard_settings).await;
     let acc = app.create_account("Acme Live").await;
     let _other = app.create_account("Another Co").await;
-    let envs = vec![("DASH_ACCOUNT", acc.id.clone()), ("DASH_SECRET", acc.secret.clone())];
+    let envs = vec![
+        ("DASH_ACCOUNT", acc.id.clone()),
+        ("DASH_SECRET", acc.secret.clone()),
+    ];
     run_in_process("live", &app, chromium, envs).await;
 }
 
@@ -170,12 +182,17 @@ async fn dashboard_shows_joins_status_changes_and_leaves_live() {
 /// page is served with a strict CSP.
 #[actix_web::test]
 async fn dashboard_renders_hostile_strings_as_text() {
-    let Some((_browser, chromium)) = prepare().await else { return };
+    let Some((_browser, chromium)) = prepare().await else {
+        return;
+    };
     let app = spawn_app_with(dashboard_settings).await;
     let acc = app
         .create_account("<img src=x onerror=alert('acc')>\"><script>alert('acc')</script>")
         .await;
-    let envs = vec![("DASH_ACCOUNT", acc.id.clone()), ("DASH_SECRET", acc.secret.clone())];
+    let envs = vec![
+        ("DASH_ACCOUNT", acc.id.clone()),
+        ("DASH_SECRET", acc.secret.clone()),
+    ];
     run_in_process("xss", &app, chromium, envs).await;
 }
 
@@ -183,10 +200,15 @@ async fn dashboard_renders_hostile_strings_as_text() {
 /// screenshots of each.
 #[actix_web::test]
 async fn dashboard_fits_phone_and_desktop_screens() {
-    let Some((_browser, chromium)) = prepare().await else { return };
+    let Some((_browser, chromium)) = prepare().await else {
+        return;
+    };
     let app = spawn_app_with(dashboard_settings).await;
     let acc = app.create_account("Acme Corp").await;
-    let envs = vec![("DASH_ACCOUNT", acc.id.clone()), ("DASH_SECRET", acc.secret.clone())];
+    let envs = vec![
+        ("DASH_ACCOUNT", acc.id.clone()),
+        ("DASH_SECRET", acc.secret.clone()),
+    ];
     run_in_process("responsive", &app, chromium, envs).await;
 }
 
@@ -194,7 +216,9 @@ async fn dashboard_fits_phone_and_desktop_screens() {
 /// actions; a wrong password is refused on the login form.
 #[actix_web::test]
 async fn members_and_viewers_see_their_own_account_without_owner_actions() {
-    let Some((_browser, chromium)) = prepare().await else { return };
+    let Some((_browser, chromium)) = prepare().await else {
+        return;
+    };
     let app = spawn_app_with(dashboard_settings).await;
     let acc = app.create_account("Acme Members").await;
     let other = app.create_account("Other Tenant").await;
@@ -215,7 +239,9 @@ async fn members_and_viewers_see_their_own_account_without_owner_actions() {
 /// is rotated through a confirm step and the new secret signs working tokens.
 #[actix_web::test]
 async fn owners_kick_sessions_and_rotate_the_secret() {
-    let Some((_browser, chromium)) = prepare().await else { return };
+    let Some((_browser, chromium)) = prepare().await else {
+        return;
+    };
     let app = spawn_app_with(dashboard_settings).await;
     let acc = app.create_account("Acme Owners").await;
     create_user(&app, "owner@acme.test", "owner", &acc.id).await;
@@ -261,7 +287,10 @@ impl ChildNode {
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("RUST_LOG", "warn")
-            .env("PRESENCED__SERVER__BIND", format!("127.0.0.1:{}", self.port))
+            .env(
+                "PRESENCED__SERVER__BIND",
+                format!("127.0.0.1:{}", self.port),
+            )
             .env("PRESENCED__SERVER__WORKERS", "2")
             .env("DATABASE_URL", &self.db_url)
             .env("PRESENCED__DATABASE__POOL_SIZE", "4")
@@ -270,7 +299,10 @@ impl ChildNode {
             .env("PRESENCED__PRESENCE__GRACE_MS", "1000")
             .env("PRESENCED__PRESENCE__ARBITERS", "2")
             .env("PRESENCED__SNAPSHOT__INTERVAL_MS", "200")
-            .env("PRESENCED__AUTH__ACCESS_TTL_S", self.access_ttl_s.to_string())
+            .env(
+                "PRESENCED__AUTH__ACCESS_TTL_S",
+                self.access_ttl_s.to_string(),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -325,15 +357,16 @@ impl Drop for ChildNode {
 
 /// A child node with one account; runs `scenario` against it with stop/start control.
 async fn run_with_child_node(scenario: &'static str, access_ttl_s: u64) {
-    let Some((_browser, chromium)) = prepare().await else { return };
+    let Some((_browser, chromium)) = prepare().await else {
+        return;
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     let db_url = format!("sqlite://{}", dir.path().join("dash.db").display());
     let port = free_port();
-    let node = actix_web::rt::task::spawn_blocking(move || {
-        ChildNode::start(port, &db_url, access_ttl_s)
-    })
-    .await
-    .expect("node starts");
+    let node =
+        actix_web::rt::task::spawn_blocking(move || ChildNode::start(port, &db_url, access_ttl_s))
+            .await
+            .expect("node starts");
     let http = format!("http://127.0.0.1:{port}");
     let admin = login(&http, ADMIN_EMAIL, ADMIN_PASSWORD)
         .await
@@ -359,7 +392,7 @@ async fn run_with_child_node(scenario: &'static str, access_ttl_s: u64) {
         run_scenario(scenario, &http, &chromium, envs, |what| node.ctrl(what));
     })
     .await
-    .expect("scenario ran");
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
     drop(dir);
 }
 
