@@ -26,6 +26,7 @@ const state = {
   /** The open user's connections as where-now reports them (with session ids), or null. */
   userSessions: null,
   userRefs: "",
+  userLastSeen: null,
   connections: 0,
   filters: { q: "", status: "", room: "" },
   roomSort: "users",
@@ -512,6 +513,7 @@ async function loadUserSessions(id, refs) {
     const w = await session.api("GET", `/accounts/${encodeURIComponent(state.accountId)}/users/${encodeURIComponent(id)}/presence`);
     if (state.openUser !== id || state.userRefs !== refs) return;
     state.userSessions = w.sessions || [];
+    state.userLastSeen = w.last_seen || null;
     renderUserDetail();
   } catch (_) {
     // the live metas are shown anyway
@@ -524,7 +526,13 @@ function renderUserDetail() {
   clear(box);
   if (!u) {
     $("user-detail-name").textContent = state.openUser;
-    $("user-detail-id").textContent = "offline";
+    $("user-detail-id").textContent = state.userLastSeen
+      ? `offline · last seen ${new Date(state.userLastSeen).toLocaleString()}`
+      : "offline";
+    if (state.userRefs !== "offline") {
+      state.userRefs = "offline";
+      loadUserSessions(state.openUser, "offline");
+    }
     return;
   }
   $("user-detail-name").textContent = u.name;
