@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 
 use crate::config::EngineConfig;
 use crate::fanout::{Fanout, Subscriber};
-use crate::messages::{AccountMembership, Crash, Leave, SessionAddr};
+use crate::messages::{AccountMembership, Crash, Leave, SessionAddr, ToSession};
 use crate::metrics::Metrics;
 use crate::now_ms;
 use crate::presence::{Arrival, Departure, Diff, IdGen, Key, PresenceSet, Ref, SessionId};
@@ -160,6 +160,51 @@ impl AccountActor {
             .send(&frame, None, &self.topic, &self.metrics);
     }
 
+    /// The rooms a user is in, over all their connections (sorted, no duplicates).
+    fn user_rooms(&self, user: &str) -> Vec<Arc<str>> {
+        let mut rooms: Vec<Arc<str>> = self
+            .presence
+            .get(user)
+            .into_iter()
+            .flatten()
+            .filter_map(|m| self.rooms_of.get(&m.session))
+            .flatten()
+            .cloned()
+            .collect();
+        rooms.sort();
+        rooms.dedup();
+        rooms
+    }
+
+    /// Tells dashboards which rooms `user` is in now (`rooms` event; `[]` when none).
+    fn emit_rooms(&mut self, user: &str) {
+        if self.followers.is_empty() {
+            return;
+        }
+        let rooms = self.user_rooms(user);
+        let rooms: Vec<&str> = rooms.iter().map(|r| &**r).collect();
+        let frame = protocol::broadcast(
+            &self.topic,
+            "rooms",
+            &json!({ "user": user, "rooms": rooms }),
+        );
+        self.followers
+            .send(&frame, None, &self.topic, &self.metrics);
+    }
+
+    /// Every present user's rooms, for a dashboard that just followed (`rooms_state`).
+    fn rooms_state_frame(&self) -> ByteString {
+        let mut out = Map::new();
+        for (user, _) in self.presence.iter() {
+            let rooms = self.user_rooms(user);
+            let rooms: Vec<&str> = rooms.iter().map(|r| &**r).collect();
+            if !rooms.is_empty() {
+                out.insert(user.to_string(), json!(rooms));
+            }
+        }
+        protocol::broadcast(&self.topic, "rooms_state", &out)
+    }
+
     fn state_frame(&self) -> ByteString {
         protocol::broadcast(&self.topic, "presence_state", &self.presence.state())
     }
@@ -172,7 +217,11 @@ impl AccountActor {
             for (_, m) in &d.leaves {
                 act.rooms_of.remove(&m.session);
             }
+            let users: Vec<Key> = d.leaves.iter().map(|(k, _)| k.clone()).collect();
             act.emit(d);
+            for u in users {
+                act.emit_rooms(&u);
+            }
         });
     }
 
@@ -253,10 +302,14 @@ impl Handler<Connect> for AccountActor {
             .presence
             .join(&msg.user, msg.arrival, self.ids.next_ref());
         // A reconnect that replaced a ghost inherits nothing of its rooms: it will join again.
+        let replaced = out.replaced.is_some();
         if let Some(old) = out.replaced {
             self.rooms_of.remove(&old);
         }
         self.emit(out.diff);
+        if replaced {
+            self.emit_rooms(&msg.user);
+        }
         MessageResult(out.phx_ref)
     }
 }
@@ -277,6 +330,9 @@ impl Handler<Leave> for AccountActor {
             }
         }
         self.emit(diff);
+        if matches!(msg.how, Departure::Now) {
+            self.emit_rooms(&msg.user);
+        }
     }
 }
 
@@ -284,8 +340,13 @@ impl Handler<RoomsChanged> for AccountActor {
     type Result = ();
 
     fn handle(&mut self, msg: RoomsChanged, _: &mut Context<Self>) {
-        if self.live.contains_key(&msg.session) {
+        if let Some((user, _)) = self.live.get(&msg.session) {
+            let user = user.clone();
+            let before = self.user_rooms(&user);
             self.rooms_of.insert(msg.session, msg.rooms);
+            if self.user_rooms(&user) != before {
+                self.emit_rooms(&user);
+            }
         }
     }
 }
@@ -314,6 +375,12 @@ impl Handler<Subscribe> for AccountActor {
     type Result = Result<ByteString, Reason>;
 
     fn handle(&mut self, msg: Subscribe, _: &mut Context<Self>) -> Self::Result {
+        // Rooms follow the presence_state: the session holds frames for this topic until it
+        // has written the join reply and the state, so the order is kept.
+        let _ = msg.to.try_send(ToSession::Frame {
+            topic: self.topic.clone(),
+            frame: self.rooms_state_frame(),
+        });
         self.followers.insert(
             msg.session,
             Subscriber {

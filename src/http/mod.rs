@@ -181,7 +181,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     )
     .app_data(web::QueryConfig::default().error_handler(error::query_error))
     .app_data(web::PathConfig::default().error_handler(error::path_error))
-    .route("/", web::get().to(api::index))
+    .configure(crate::dashboard::routes)
     .route("/healthz", web::get().to(api::healthz))
     .route("/readyz", web::get().to(api::readyz))
     .route("/metrics", web::get().to(api::metrics))
@@ -189,6 +189,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .service(
         web::scope("/api/v1")
             .wrap(actix_web::middleware::from_fn(api_rate_limit))
+            .route("", web::get().to(api::index))
+            .route("/", web::get().to(api::index))
             .route("/realtime/websocket", web::get().to(socket::upgrade))
             .route("/dashboard/{id}", web::get().to(api::dashboard))
             .route("/usage/{id}", web::get().to(api::usage))

@@ -363,3 +363,35 @@ async fn an_account_past_its_room_limit_gets_room_limit_and_a_full_room_gets_roo
     let mut d = app.connect(&app.user_token(&other, "dan")).await;
     d.join_ok("room:three", json!({})).await;
 }
+
+#[actix_web::test]
+async fn dashboards_learn_which_rooms_each_user_is_in_live() {
+    let app = spawn_app().await;
+    let acc = app.create_account("Rooms").await;
+    let topic = format!("account:{}", acc.id);
+    let mut ann = app.connect(&app.user_token(&acc, "ann")).await;
+    ann.join_ok("room:hall", json!({})).await;
+    let mut dash = app.connect(&app.admin_token).await;
+    dash.join_ok(&topic, json!({})).await;
+    // Right after the presence_state: every present user's rooms.
+    let state = dash
+        .expect("rooms_state", |v| {
+            v[2] == topic.as_str() && v[3] == "rooms_state"
+        })
+        .await;
+    assert_eq!(state[4], json!({"ann": ["hall"]}), "{state}");
+    // Then each change of a user's rooms.
+    ann.join_ok("room:kitchen", json!({})).await;
+    let v = dash
+        .expect("ann in two rooms", |v| {
+            v[3] == "rooms" && v[4]["user"] == "ann" && v[4]["rooms"].as_array().unwrap().len() == 2
+        })
+        .await;
+    assert_eq!(v[4]["rooms"], json!(["hall", "kitchen"]), "{v}");
+    let r = ann.push("1", "room:hall", "phx_leave", json!({})).await;
+    ann.expect_reply(&r).await;
+    dash.expect("ann in the kitchen only", |v| {
+        v[3] == "rooms" && v[4]["user"] == "ann" && v[4]["rooms"] == json!(["kitchen"])
+    })
+    .await;
+}
