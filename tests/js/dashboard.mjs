@@ -145,10 +145,13 @@ function userToken(sub, {name, meta, secret = SECRET, acc = ACCOUNT, ttl = 3600}
  * shows) takes a connection's status from `status` pushes only, not from the join payload.
  */
 async function connectUser(sub, {name, meta = {}, status = "online", rooms = ["lobby"], device,
-  secret, acc, reconnect = true, announce = true} = {}){
+  tokenMeta, secret, acc, reconnect = true, announce = true} = {}){
   const m = {...meta}
+  // A device is a property of the connection: the customer's backend puts it in the token's
+  // meta (what the account-wide view shows), and the client repeats it in its room metas.
   if(device !== undefined){ m.device = device }
-  const token = userToken(sub, {name, secret, acc})
+  const tm = {...(tokenMeta || {}), ...(device !== undefined ? {device} : {})}
+  const token = userToken(sub, {name, secret, acc, meta: Object.keys(tm).length ? tm : undefined})
   const socket = new Socket(WS_URL, {
     params: {token},
     transport: WebSocket,
@@ -501,9 +504,10 @@ SCENARIOS.xss = async () => {
     assert(text.includes("<img src=x onerror=alert('acc')>"), `account option shows ${JSON.stringify(text)}`)
   })
   // Statuses and room names are [a-z0-9_-] on the server: the payloads ride in names and metas.
-  await connectUser("mallory", {name: XSS_NAME, status: "busy", rooms: ["lobby"],
-    meta: {note: XSS_META, device: XSS_META, title: `<b onmouseover=alert(3)>boss</b>`}})
-  await connectUser("trent", {name: XSS_META, status: "online", rooms: ["lobby"], meta: {device: XSS_NAME}})
+  const hostileMeta = {note: XSS_META, title: `<b onmouseover=alert(3)>boss</b>`}
+  await connectUser("mallory", {name: XSS_NAME, status: "busy", rooms: ["lobby"], device: XSS_META,
+    meta: hostileMeta, tokenMeta: hostileMeta})
+  await connectUser("trent", {name: XSS_META, status: "online", rooms: ["lobby"], device: XSS_NAME})
   await step("names show as literal text, in the list and the feed", async () => {
     await waitRow(page, "mallory", {name: XSS_NAME})
     await waitRow(page, "trent", {name: XSS_META})
@@ -581,7 +585,7 @@ async function seedPeople(){
 
 SCENARIOS.responsive = async () => {
   await launch()
-  await seedPeople()
+  const people = await seedPeople()
   // A little activity for the feed.
   const late = await connectUser("guido", {name: "Guido van Rossum", status: "online", rooms: ["lobby"], device: "laptop"})
   await late.setStatus("busy")
@@ -596,6 +600,16 @@ SCENARIOS.responsive = async () => {
     await step(`${label}: the main screen fits, with every user listed`, async () => {
       await loginAdminTo(page)
       await waitNumber(page, "#online-users", PEOPLE.length + 1)
+      // Some live activity for the feed.
+      const mobile = label === "mobile"
+      await people.ada.setStatus("busy")
+      await people.alan.setStatus(mobile ? "online" : "away")
+      const visitor = await connectUser("niklaus", {name: "Niklaus Wirth", rooms: ["support"], device: "phone"})
+      await people.grace.setStatus(mobile ? "away" : "busy")
+      await waitFeed(page, "status", "grace")
+      await visitor.leave()
+      await waitFeed(page, "leave", "niklaus")
+      await people.ada.setStatus("online")
       await waitRow(page, "ada", {status: "online"})
       await waitIn(page, "the chart drawn", () => !!document.querySelector("#chart canvas"))
       await sleep(500) // let the chart and the feed settle before the picture (not asserted)
