@@ -12,7 +12,6 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -42,20 +41,18 @@ fn chromium() -> Option<String> {
 }
 
 /// One browser at a time: two cores, and each scenario's waits should not compete with
-/// another Chromium. Poisoning (a failed scenario) does not stop the others.
-fn one_browser_at_a_time() -> MutexGuard<'static, ()> {
-    static BROWSER: Mutex<()> = Mutex::new(());
-    BROWSER.lock().unwrap_or_else(|e| e.into_inner())
-}
+/// another Chromium. (An async lock: each test runs on its own runtime, and a failed scenario
+/// must not stop the others.)
+static BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn screenshots_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("target/screenshots")
 }
 
 /// Everything a scenario needs, checked before any node starts: `None` = skipped.
-async fn prepare() -> Option<(MutexGuard<'static, ()>, String)> {
+async fn prepare() -> Option<(tokio::sync::MutexGuard<'static, ()>, String)> {
     let chromium = chromium()?;
-    let guard = one_browser_at_a_time();
+    let guard = BROWSER.lock().await;
     actix_web::rt::task::spawn_blocking(ensure_node_modules)
         .await
         .expect("npm ci");
