@@ -2,6 +2,7 @@
 //! suite links once.
 mod accounts;
 mod conformance;
+mod demo;
 mod helpers;
 mod http;
 mod persistence;
