@@ -9,10 +9,11 @@
 //!
 //! Everything runs on the current actix System: one task per session (awc WebSocket client) and
 //! one director task that decides what happens next and counts what the server acknowledged.
-//! New connections go through one limiter (`connect_rate` per second) and back off when the
-//! server answers 429. The HTTP calls honour `Retry-After`; a refused WebSocket upgrade does not
-//! expose its headers through awc, so a 429 there pauses every new connection for 1 s, doubling
-//! per retry of that session up to 30 s.
+//! New connections go through one limiter: at most `connect_rate` per second, halved (at most
+//! once a second, with a 1 s pause) whenever the server answers an upgrade with 429 and raised
+//! again by one per second for every connection that succeeds. awc does not expose the headers of
+//! a refused upgrade, so `Retry-After` is read on the HTTP calls only; the server's connect limits
+//! are per-second windows, which the 1 s pause matches.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
@@ -306,10 +307,7 @@ pub async fn run_with(
     let (reports_tx, reports) = mpsc::unbounded_channel();
     let shared = Rc::new(Shared {
         client,
-        limiter: RefCell::new(Limiter {
-            every: Duration::from_secs(1) / opts.connect_rate.max(1),
-            next: Instant::now(),
-        }),
+        limiter: RefCell::new(Limiter::new(opts.connect_rate)),
         heartbeat: opts.heartbeat,
         reports: reports_tx,
         throttled,
@@ -767,21 +765,48 @@ enum Report {
     Exited,
 }
 
+/// New connections per second: additive increase, multiplicative decrease on 429.
 struct Limiter {
-    every: Duration,
+    max: f64,
+    rate: f64,
     next: Instant,
+    last_cut: Option<Instant>,
 }
 
 impl Limiter {
+    fn new(per_s: u32) -> Limiter {
+        let max = f64::from(per_s.max(1));
+        Limiter {
+            max,
+            rate: max,
+            next: Instant::now(),
+            last_cut: None,
+        }
+    }
+
     /// The moment the next connection may start.
     fn slot(&mut self) -> Instant {
         let at = self.next.max(Instant::now());
-        self.next = at + self.every;
+        self.next = at + Duration::from_secs_f64(1.0 / self.rate);
         at
     }
 
-    fn pause(&mut self, d: Duration) {
-        self.next = self.next.max(Instant::now() + d);
+    fn succeeded(&mut self) {
+        self.rate = (self.rate + 1.0).min(self.max);
+    }
+
+    /// The server said 429: half the rate and a pause, once for a burst of refusals.
+    fn throttled(&mut self) {
+        let now = Instant::now();
+        if self
+            .last_cut
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.last_cut = Some(now);
+        self.rate = (self.rate / 2.0).max(1.0);
+        self.next = self.next.max(now + Duration::from_secs(1));
     }
 }
 
@@ -833,7 +858,6 @@ async fn connect(
     url: &str,
     cmds: &mut mpsc::UnboundedReceiver<Cmd>,
 ) -> Result<Option<impl WsIo>, String> {
-    let mut backoff = Duration::from_secs(1);
     loop {
         let slot = sh.limiter.borrow_mut().slot();
         // Before a session is up the director sends it nothing but "stop" (or drops it).
@@ -847,11 +871,13 @@ async fn connect(
             _ = cmds.recv() => return Ok(None),
         };
         match res {
-            Ok((_, framed)) => return Ok(Some(framed)),
+            Ok((_, framed)) => {
+                sh.limiter.borrow_mut().succeeded();
+                return Ok(Some(framed));
+            }
             Err(WsClientError::InvalidResponseStatus(s)) if s.as_u16() == 429 => {
                 sh.throttled.set(sh.throttled.get() + 1);
-                sh.limiter.borrow_mut().pause(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                sh.limiter.borrow_mut().throttled();
             }
             Err(WsClientError::InvalidResponseStatus(s)) => {
                 return Err(match s.as_u16() {
@@ -1611,6 +1637,20 @@ mod tests {
         let e = validate(&o).unwrap_err().to_string();
         assert!(e.contains("at most 15000"), "{e}");
         assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn a_429_halves_the_connect_rate_and_successes_restore_it() {
+        let mut l = Limiter::new(100);
+        l.throttled();
+        assert_eq!(l.rate, 50.0);
+        for _ in 0..80 {
+            l.succeeded();
+        }
+        assert_eq!(l.rate, 100.0);
+        let mut slow = Limiter::new(1);
+        slow.throttled();
+        assert_eq!(slow.rate, 1.0, "never below one a second");
     }
 
     #[test]
