@@ -4,6 +4,7 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod dashboard;
+pub mod demo;
 pub mod http;
 pub mod limits;
 pub mod persist;

@@ -3,6 +3,7 @@
 mod accounts;
 mod conformance;
 mod dashboard;
+mod demo;
 mod helpers;
 mod http;
 mod persistence;
