@@ -298,9 +298,16 @@ impl Handler<Connect> for AccountActor {
     fn handle(&mut self, msg: Connect, _: &mut Context<Self>) -> Self::Result {
         let session = msg.arrival.session;
         self.live.insert(session, (msg.user.clone(), msg.to));
-        let out = self
+        let mut arrival = msg.arrival;
+        // A reconnect keeps its connection's status (set by its room joins and status pushes),
+        // so it takes its ghost's place silently instead of flickering back to "online".
+        if let Some(status) = self
             .presence
-            .join(&msg.user, msg.arrival, self.ids.next_ref());
+            .ghost_status(&msg.user, arrival.device.as_deref())
+        {
+            arrival.status = status.clone();
+        }
+        let out = self.presence.join(&msg.user, arrival, self.ids.next_ref());
         // A reconnect that replaced a ghost inherits nothing of its rooms: it will join again.
         let replaced = out.replaced.is_some();
         if let Some(old) = out.replaced {

@@ -381,6 +381,14 @@ impl PresenceSet {
         }
     }
 
+    /// The status of the ghost a session of `key` on `device` would take the place of, if any.
+    pub fn ghost_status(&self, key: &str, device: Option<&str>) -> Option<&Arc<str>> {
+        self.entries.get(key)?.iter().find_map(|e| {
+            (e.ghost_until.is_some() && e.meta.device.as_deref() == device)
+                .then_some(&e.meta.status)
+        })
+    }
+
     /// Puts a meta back as a ghost that leaves at `until` unless its device reconnects first:
     /// used when a node restarts from its last snapshot.
     pub fn restore_ghost(&mut self, key: &Key, meta: Meta, until: i64) {

@@ -430,6 +430,8 @@ impl SessionActor {
             .or_else(|| self.device.clone());
         let fields = self.merged_fields(join_fields.as_ref());
         let name: Arc<str> = name.into();
+        // A status given at join is the connection's status too (as a `status` push is).
+        let explicit_status = status.clone();
         let arrival = Arrival {
             session: self.id,
             status: status.unwrap_or_else(|| "online".into()),
@@ -516,6 +518,15 @@ impl SessionActor {
                         }
                     }
                     act.rooms_changed();
+                    if let (Some(s), Some(acc)) = (explicit_status, &act.account_addr) {
+                        if !act.staff {
+                            acc.do_send(ConnectionStatus {
+                                user: act.user.clone(),
+                                session: act.id,
+                                status: s,
+                            });
+                        }
+                    }
                 }
                 (Ok((addr, _)), _) => {
                     // Left (or re-joined) while the join was in flight: undo it in the room.

@@ -427,3 +427,30 @@ proptest! {
         prop_assert_eq!(metas, set.metas());
     }
 }
+
+#[test]
+fn the_ghost_a_reconnect_would_reclaim_tells_its_status() {
+    let mut set = PresenceSet::new();
+    set.join(&key("ann"), arrival(1, "busy", Some("phone")), Ref(1));
+    set.join(&key("ann"), arrival(2, "away", Some("laptop")), Ref(2));
+    assert_eq!(
+        set.ghost_status("ann", Some("phone")),
+        None,
+        "nobody is a ghost yet"
+    );
+    set.leave("ann", SessionId(1), Departure::Grace { until: 5_000 });
+    assert_eq!(
+        set.ghost_status("ann", Some("phone")).map(|s| &**s),
+        Some("busy")
+    );
+    assert_eq!(
+        set.ghost_status("ann", Some("laptop")),
+        None,
+        "that one is live"
+    );
+    assert_eq!(set.ghost_status("bob", Some("phone")), None);
+    // Coming back with that status takes the ghost's place silently.
+    let out = set.join(&key("ann"), arrival(3, "busy", Some("phone")), Ref(3));
+    assert!(out.diff.is_empty(), "{:?}", out.diff);
+    assert_eq!(out.phx_ref, Ref(1));
+}

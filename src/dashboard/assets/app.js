@@ -170,6 +170,8 @@ function setConn(s) {
 }
 
 async function selectAccount(id) {
+  // Already showing (or loading) it: nothing to do.
+  if (id === state.accountId && state.channel && state.channel.state !== "closed" && state.channel.state !== "errored") return;
   const gen = ++state.generation;
   if (state.channel) state.channel.leave();
   state.accountId = id;
@@ -391,7 +393,7 @@ const userList = new VirtualList(
       "div",
       { class: "user-row", role: "listitem", tabindex: "0" },
       el("span", { class: "dot" }),
-      el("span", { class: "user-name" }),
+      el("span", { class: "user-who" }, el("span", { class: "user-name" }), el("span", { class: "user-sub" })),
       el("span", { class: "user-status" }),
       el("span", { class: "user-rooms" }),
       el("span", { class: "user-devices" }),
@@ -404,10 +406,10 @@ const userList = new VirtualList(
   },
   (u, row) => {
     row.dataset.user = u.id;
-    const [dot, name, status, rooms, devices] = row.children;
+    const [dot, who, status, rooms, devices] = row.children;
     dot.className = `dot ${statusClass(u.status)}`;
-    name.textContent = u.name;
-    if (u.name !== u.id) name.append(el("span", { class: "user-sub", text: u.id }));
+    who.children[0].textContent = u.name;
+    who.children[1].textContent = u.name !== u.id ? u.id : "";
     status.textContent = u.status;
     status.className = `user-status ${statusClass(u.status)}`;
     rooms.textContent = u.rooms.length ? u.rooms.join(", ") : "no room";
