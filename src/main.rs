@@ -24,6 +24,7 @@ fn help() -> String {
 }
 
 fn main() -> ExitCode {
+    presenced::app::memory::one_arena();
     let mut args = std::env::args().skip(1).peekable();
     if args.peek().map(String::as_str) == Some("demo") {
         args.next();

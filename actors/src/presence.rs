@@ -338,6 +338,10 @@ impl PresenceSet {
         let Some(i) = replaced else {
             let meta = arrival.into_meta(new_ref);
             diff.joins.push((key.clone(), meta.clone()));
+            // Most users have one session here: grow one entry at a time, not to four.
+            if metas.len() == metas.capacity() {
+                metas.reserve_exact(1);
+            }
             metas.push(Entry {
                 meta,
                 ghost_until: None,

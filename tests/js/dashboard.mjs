@@ -165,8 +165,11 @@ async function connectUser(sub, {name, meta = {}, status = "online", rooms = ["l
   socket.onClose(() => { user.closes++ })
   socket.connect()
   cleanups.push(() => { try { socket.disconnect() } catch {} })
+  // A rejoin (after a reconnect) re-sends the join params: like a real app, send the status the
+  // user has now, not the one they joined with.
+  let current = status
   for(const room of rooms){
-    const ch = socket.channel(`room:${room}`, () => ({status, meta: m}))
+    const ch = socket.channel(`room:${room}`, () => ({status: current, meta: m}))
     await new Promise((resolve, reject) => {
       ch.join()
         .receive("ok", resolve)
@@ -176,6 +179,7 @@ async function connectUser(sub, {name, meta = {}, status = "online", rooms = ["l
     user.channels.set(room, ch)
   }
   user.setStatus = async (s, extra = {}) => {
+    current = s
     for(const ch of user.channels.values()){
       await new Promise((resolve, reject) => {
         ch.push("status", {status: s, meta: {...m, ...extra}})
