@@ -83,7 +83,13 @@ fn diff_frame() -> ByteString {
         Ref(1),
     );
     let (d, _) = set
-        .update("user-000042", SessionId(42), Some("away".into()), None, Ref(2))
+        .update(
+            "user-000042",
+            SessionId(42),
+            Some("away".into()),
+            None,
+            Ref(2),
+        )
         .expect("member");
     protocol::broadcast("room:bench", "presence_diff", &d)
 }

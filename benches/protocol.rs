@@ -89,7 +89,13 @@ fn encode(c: &mut Criterion) {
         )
         .diff;
     let (update, _) = set
-        .update("user-000042", SessionId(42), Some("away".into()), None, Ref(0x1234_5679))
+        .update(
+            "user-000042",
+            SessionId(42),
+            Some("away".into()),
+            None,
+            Ref(0x1234_5679),
+        )
         .expect("member");
     g.bench_function("presence_diff_join", |b| {
         b.iter(|| black_box(protocol::broadcast("room:lobby", "presence_diff", &join)))

@@ -285,10 +285,8 @@ impl Head {
     }
 
     fn has_token(&self, name: &str, token: &str) -> bool {
-        self.header(name).is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case(token))
-        })
+        self.header(name)
+            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
     }
 }
 
@@ -330,7 +328,14 @@ async fn serve(mut stream: TcpStream, state: Arc<State>) {
                 Ok(Some(h)) => break h,
                 Ok(None) => {}
                 Err(()) => {
-                    let _ = respond(&mut stream, 400, "application/json", "{\"error\":\"bad_request\"}", true).await;
+                    let _ = respond(
+                        &mut stream,
+                        400,
+                        "application/json",
+                        "{\"error\":\"bad_request\"}",
+                        true,
+                    )
+                    .await;
                     return;
                 }
             }
@@ -352,7 +357,14 @@ async fn serve(mut stream: TcpStream, state: Arc<State>) {
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0);
         if body_len > MAX_BODY {
-            let _ = respond(&mut stream, 413, "application/json", "{\"error\":\"too_large\"}", true).await;
+            let _ = respond(
+                &mut stream,
+                413,
+                "application/json",
+                "{\"error\":\"too_large\"}",
+                true,
+            )
+            .await;
             return;
         }
         while buf.len() < body_len {
@@ -365,7 +377,11 @@ async fn serve(mut stream: TcpStream, state: Arc<State>) {
         let body: Vec<u8> = buf.drain(..body_len).collect();
         let close = head.has_token("connection", "close");
         let (status, ctype, text) = route(&head, &body, &state);
-        if respond(&mut stream, status, ctype, &text, close).await.is_err() || close {
+        if respond(&mut stream, status, ctype, &text, close)
+            .await
+            .is_err()
+            || close
+        {
             return;
         }
     }
@@ -378,7 +394,9 @@ fn route(head: &Head, body: &[u8], state: &State) -> (u16, &'static str, String)
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64);
     match (head.method.as_str(), head.path.as_str()) {
-        ("GET", "/healthz") | ("GET", "/readyz") => (200, "application/json", json!({"status": "ok"}).to_string()),
+        ("GET", "/healthz") | ("GET", "/readyz") => {
+            (200, "application/json", json!({"status": "ok"}).to_string())
+        }
         ("POST", "/api/v1/auth/login") => {
             let email = input["email"].as_str().unwrap_or("floor@localhost");
             let v = json!({
@@ -413,7 +431,11 @@ fn route(head: &Head, body: &[u8], state: &State) -> (u16, &'static str, String)
             );
             (200, "text/plain; version=0.0.4", text)
         }
-        _ => (404, "application/json", json!({"error": "not_found", "floor": true}).to_string()),
+        _ => (
+            404,
+            "application/json",
+            json!({"error": "not_found", "floor": true}).to_string(),
+        ),
     }
 }
 
@@ -451,7 +473,9 @@ fn user_of(head: &Head) -> Option<String> {
                 .find_map(|p| p.trim().strip_prefix("base64url.bearer.phx."))
                 .and_then(|b| {
                     let b = b.trim_end_matches('=').replace('+', "-").replace('/', "_");
-                    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(b).ok()
+                    base64::engine::general_purpose::URL_SAFE_NO_PAD
+                        .decode(b)
+                        .ok()
                 })
                 .and_then(|b| String::from_utf8(b).ok())
         })?;
@@ -465,7 +489,14 @@ fn user_of(head: &Head) -> Option<String> {
 
 async fn websocket(mut stream: TcpStream, head: Head, rest: Vec<u8>, state: Arc<State>) {
     let Some(key) = head.header("sec-websocket-key") else {
-        let _ = respond(&mut stream, 400, "application/json", "{\"error\":\"no_websocket_key\"}", true).await;
+        let _ = respond(
+            &mut stream,
+            400,
+            "application/json",
+            "{\"error\":\"no_websocket_key\"}",
+            true,
+        )
+        .await;
         return;
     };
     let accept = derive_accept_key(key.trim().as_bytes());
@@ -522,8 +553,16 @@ struct Session {
 type Ws = WebSocketStream<TcpStream>;
 type WsResult = Result<(), tokio_tungstenite::tungstenite::Error>;
 
-fn frame(join_ref: &Value, msg_ref: &Value, topic: &str, event: &str, payload: &Value) -> Utf8Bytes {
-    json!([join_ref, msg_ref, topic, event, payload]).to_string().into()
+fn frame(
+    join_ref: &Value,
+    msg_ref: &Value,
+    topic: &str,
+    event: &str,
+    payload: &Value,
+) -> Utf8Bytes {
+    json!([join_ref, msg_ref, topic, event, payload])
+        .to_string()
+        .into()
 }
 
 fn reply(join_ref: &Value, msg_ref: &Value, topic: &str, status: &str, response: Value) -> Message {
@@ -583,16 +622,30 @@ impl Session {
             _ => None,
         };
         let Some(mut a) = parsed else {
-            return ws.feed(error(&Value::Null, &Value::Null, "phoenix", "malformed_frame")).await;
+            return ws
+                .feed(error(
+                    &Value::Null,
+                    &Value::Null,
+                    "phoenix",
+                    "malformed_frame",
+                ))
+                .await;
         };
         let payload = a.pop().unwrap_or(Value::Null);
         let (event, topic) = match (a.pop(), a.pop()) {
             (Some(Value::String(e)), Some(Value::String(t))) => (e, t),
-            _ => return ws.feed(error(&a[0], &a[1], "phoenix", "malformed_frame")).await,
+            _ => {
+                return ws
+                    .feed(error(&a[0], &a[1], "phoenix", "malformed_frame"))
+                    .await
+            }
         };
         let (join_ref, msg_ref) = (&a[0], &a[1]);
         match (topic.as_str(), event.as_str()) {
-            ("phoenix", "heartbeat") => ws.feed(reply(join_ref, msg_ref, "phoenix", "ok", json!({}))).await,
+            ("phoenix", "heartbeat") => {
+                ws.feed(reply(join_ref, msg_ref, "phoenix", "ok", json!({})))
+                    .await
+            }
             (_, "phx_join") => {
                 if !self.joined.contains_key(topic.as_str()) {
                     let member = Member {
@@ -602,20 +655,30 @@ impl Session {
                     let t = self.state.join(&topic, self.conn, member);
                     self.joined.insert(topic.as_str().into(), t);
                 }
-                ws.feed(reply(join_ref, msg_ref, &topic, "ok", json!({}))).await?;
+                ws.feed(reply(join_ref, msg_ref, &topic, "ok", json!({})))
+                    .await?;
                 // The floor tracks nobody: the state a joiner gets is empty.
-                ws.feed(Message::Text(frame(&Value::Null, &Value::Null, &topic, "presence_state", &json!({}))))
-                    .await
+                ws.feed(Message::Text(frame(
+                    &Value::Null,
+                    &Value::Null,
+                    &topic,
+                    "presence_state",
+                    &json!({}),
+                )))
+                .await
             }
             (_, "phx_leave") => {
                 if let Some((name, t)) = self.joined.remove_entry(topic.as_str()) {
                     self.state.leave(&name, &t, self.conn);
                 }
-                ws.feed(reply(join_ref, msg_ref, &topic, "ok", json!({}))).await
+                ws.feed(reply(join_ref, msg_ref, &topic, "ok", json!({})))
+                    .await
             }
             (_, "status") | (_, "broadcast") => {
                 let Some(t) = self.joined.get(topic.as_str()) else {
-                    return ws.feed(error(join_ref, msg_ref, &topic, "not_joined")).await;
+                    return ws
+                        .feed(error(join_ref, msg_ref, &topic, "not_joined"))
+                        .await;
                 };
                 self.state.stats.pushes.fetch_add(1, Ordering::Relaxed);
                 let (out, except) = if event == "status" {
@@ -624,25 +687,47 @@ impl Session {
                         Some(Value::Object(m)) => m.clone(),
                         _ => serde_json::Map::new(),
                     };
-                    meta.insert("phx_ref".into(), Value::from(format!("{:x}.{:x}", self.conn, self.next_ref)));
-                    meta.insert("status".into(), payload.get("status").cloned().unwrap_or(Value::from("online")));
+                    meta.insert(
+                        "phx_ref".into(),
+                        Value::from(format!("{:x}.{:x}", self.conn, self.next_ref)),
+                    );
+                    meta.insert(
+                        "status".into(),
+                        payload
+                            .get("status")
+                            .cloned()
+                            .unwrap_or(Value::from("online")),
+                    );
                     let mut joins = serde_json::Map::new();
                     joins.insert(self.user.to_string(), json!({"metas": [meta]}));
                     let diff = json!({"joins": joins, "leaves": {}});
-                    (frame(&Value::Null, &Value::Null, &topic, "presence_diff", &diff), None)
+                    (
+                        frame(&Value::Null, &Value::Null, &topic, "presence_diff", &diff),
+                        None,
+                    )
                 } else {
-                    let ev = payload.get("event").and_then(Value::as_str).unwrap_or("broadcast");
+                    let ev = payload
+                        .get("event")
+                        .and_then(Value::as_str)
+                        .unwrap_or("broadcast");
                     let inner = payload.get("payload").cloned().unwrap_or(Value::Null);
-                    let include_self = payload.get("self").and_then(Value::as_bool).unwrap_or(false);
+                    let include_self = payload
+                        .get("self")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false);
                     (
                         frame(&Value::Null, &Value::Null, &topic, ev, &inner),
                         (!include_self).then_some(self.conn),
                     )
                 };
                 self.state.fanout(t, &out, except);
-                ws.feed(reply(join_ref, msg_ref, &topic, "ok", json!({}))).await
+                ws.feed(reply(join_ref, msg_ref, &topic, "ok", json!({})))
+                    .await
             }
-            _ => ws.feed(error(join_ref, msg_ref, &topic, "unknown_event")).await,
+            _ => {
+                ws.feed(error(join_ref, msg_ref, &topic, "unknown_event"))
+                    .await
+            }
         }
     }
 }

@@ -66,7 +66,12 @@ async fn the_floor_fans_a_status_out_to_the_other_members() {
     }
 
     let r = a
-        .push("1", "room:floor", "status", json!({"status": "away", "meta": {"t": 42}}))
+        .push(
+            "1",
+            "room:floor",
+            "status",
+            json!({"status": "away", "meta": {"t": 42}}),
+        )
         .await;
     assert_eq!(a.expect_reply(&r).await["status"], "ok");
     for s in [&mut b, &mut c] {
@@ -95,11 +100,10 @@ async fn the_floor_fans_a_status_out_to_the_other_members() {
     }
     let r = c.push("", "phoenix", "heartbeat", json!({})).await;
     assert_eq!(c.expect_reply(&r).await["status"], "ok");
-    let r = c.push("", "room:other", "status", json!({"status": "busy"})).await;
-    assert_eq!(
-        c.expect_reply(&r).await["response"]["reason"],
-        "not_joined"
-    );
+    let r = c
+        .push("", "room:other", "status", json!({"status": "busy"}))
+        .await;
+    assert_eq!(c.expect_reply(&r).await["response"]["reason"], "not_joined");
 }
 
 #[actix_web::test]
@@ -120,10 +124,16 @@ async fn the_floor_fakes_login_and_account_creation() {
     assert_eq!(res.status().as_u16(), 200);
     let v: Value = serde_json::from_slice(&res.body().await.expect("body")).expect("json");
     assert!(v["access_token"].is_string());
-    let mut res = post("/api/v1/accounts", json!({"name": "Load", "plan": "enterprise"}))
-        .await
-        .expect("accounts");
+    let mut res = post(
+        "/api/v1/accounts",
+        json!({"name": "Load", "plan": "enterprise"}),
+    )
+    .await
+    .expect("accounts");
     assert_eq!(res.status().as_u16(), 201);
     let v: Value = serde_json::from_slice(&res.body().await.expect("body")).expect("json");
-    assert!(v["id"].is_string() && v["signing_secret"].is_string(), "{v}");
+    assert!(
+        v["id"].is_string() && v["signing_secret"].is_string(),
+        "{v}"
+    );
 }
