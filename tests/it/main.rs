@@ -4,6 +4,7 @@ mod accounts;
 mod conformance;
 mod dashboard;
 mod demo;
+mod floor;
 mod helpers;
 mod http;
 mod persistence;
