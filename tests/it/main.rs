@@ -6,6 +6,7 @@ mod dashboard;
 mod demo;
 mod helpers;
 mod http;
+mod load;
 mod persistence;
 mod plans;
 mod roles;
