@@ -3,7 +3,7 @@
 //! that paces connections, makes the changes and counts what comes back.
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
@@ -84,6 +84,8 @@ struct Counters {
     reconnects: u64,
     throttled: u64,
     errors: BTreeMap<String, u64>,
+    /// Per change stamp: the longest delay and the receivers (fanout and broadcast only).
+    last: Option<HashMap<u64, (u64, u64)>>,
 }
 
 impl Counters {
@@ -91,10 +93,15 @@ impl Counters {
         *self.errors.entry(why.into()).or_default() += 1;
     }
 
-    fn delivered(&mut self, us: u64) {
+    fn delivered(&mut self, stamp: u64, us: u64) {
         if self.steady {
             stats::record(&mut self.hist, us);
             self.deliveries += 1;
+            if let Some(last) = &mut self.last {
+                let e = last.entry(stamp).or_default();
+                e.0 = e.0.max(us);
+                e.1 += 1;
+            }
         } else {
             stats::record(&mut self.ramp_hist, us);
             self.ramp_deliveries += 1;
@@ -254,7 +261,7 @@ fn scan(text: &[u8], c: &mut Counters) {
             .ok()
             .and_then(|s| s.parse::<u64>().ok())
         {
-            c.delivered(now.saturating_sub(t));
+            c.delivered(t, now.saturating_sub(t));
         }
         at = start + digits;
     }
@@ -284,6 +291,10 @@ impl Session {
     fn take_ref(&mut self) -> u64 {
         self.next_ref += 1;
         self.next_ref
+    }
+
+    fn joining(&self) -> bool {
+        self.pending.iter().any(|(_, what)| *what == "join")
     }
 
     fn meta(&self) -> Value {
@@ -501,7 +512,9 @@ async fn drive(
                 Some(Err(e)) => return Err(format!("connection: {e}")),
                 None => return Err("connection lost".into()),
             },
-            cmd = cmds.recv() => match cmd {
+            // A join in flight: the next change waits for its reply (a status pushed before
+            // the join is done would be refused as not_joined).
+            cmd = cmds.recv(), if !s.joining() => match cmd {
                 None => return Ok(End::Stop),
                 Some(Cmd::Reconnect) => return Ok(End::Reconnect),
                 Some(c) => s.command(ws, c).await?,
@@ -558,6 +571,7 @@ pub async fn run(
             reconnects: 0,
             throttled: 0,
             errors: BTreeMap::new(),
+            last: matches!(o.scenario, Scenario::Fanout | Scenario::Broadcast).then(HashMap::new),
         }),
         reports: reports_tx,
         online: Cell::new(0),
@@ -573,6 +587,9 @@ pub async fn run(
         })
         .collect();
     let started = Instant::now();
+    let cpu_at_start = stats::cpu_seconds(None).unwrap_or(0.0);
+    // The ramp ends with the last first join answered ok (failures may take a timeout longer).
+    let mut last_ok = started;
     let mut tasks = 0usize;
     for h in &mut handles {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -618,6 +635,7 @@ pub async fn run(
                     match res {
                         Ok(()) => {
                             connected += 1;
+                            last_ok = Instant::now();
                             if let Some(i) = index_of(&handles, g) {
                                 handles[i].up = true;
                             }
@@ -675,7 +693,7 @@ pub async fn run(
         }
         if !ready && (settled >= handles.len() || Instant::now() >= ramp_limit) {
             ready = true;
-            ramp_ms = started.elapsed().as_millis() as u64;
+            ramp_ms = last_ok.duration_since(started).as_millis() as u64;
             let _ = out.send(Event::Ready {
                 worker,
                 connected,
@@ -714,6 +732,13 @@ pub async fn run(
         ramp_hist: stats::encode(&c.ramp_hist),
         hist: stats::encode(&c.hist),
         connect_hist: stats::encode(&c.connect_hist),
+        last: c
+            .last
+            .iter()
+            .flatten()
+            .map(|(&stamp, &(us, n))| (stamp, us, n))
+            .collect(),
+        cpu_s: stats::cpu_seconds(None).unwrap_or(0.0) - cpu_at_start,
     })));
 }
 

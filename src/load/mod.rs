@@ -484,6 +484,7 @@ pub async fn run(o: LoadOptions) -> Result<Summary, LoadError> {
         );
     }
     let rss_before = rss(&o).await;
+    let server_cpu_before = o.server_pid.and_then(|p| stats::cpu_seconds(Some(p)));
     let started = Instant::now();
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
     let mut gos = Vec::new();
@@ -555,7 +556,16 @@ pub async fn run(o: LoadOptions) -> Result<Summary, LoadError> {
     let mut fatal: Vec<String> = Vec::new();
     let mut progress = interval(Duration::from_secs(1));
     let mut steady_at: Option<Instant> = None;
+    let mut rss_end = None;
+    // The last RSS reading: a second before the workers close their sessions.
+    let end_reading = o.duration.saturating_sub(Duration::from_secs(1));
     while done.iter().any(|d| !d) {
+        if rss_end.is_none()
+            && rss_after.is_some()
+            && steady_at.is_some_and(|t| t.elapsed() >= end_reading)
+        {
+            rss_end = rss(&o).await;
+        }
         tokio::select! {
             ev = rx.recv() => {
                 let Some(ev) = ev else { break };
@@ -634,19 +644,24 @@ pub async fn run(o: LoadOptions) -> Result<Summary, LoadError> {
             ramp_ms,
         },
     );
+    s.wall_s = started.elapsed().as_secs_f64();
+    s.server_cpu_s = server_cpu_before
+        .zip(o.server_pid.and_then(|p| stats::cpu_seconds(Some(p))))
+        .map(|(a, b)| b - a);
     for f in fatal {
         *s.errors.entry(f).or_default() += 1;
         s.errors_total += 1;
     }
+    let per = |after: u64, before: u64| {
+        (after as f64 - before as f64) / s.sessions_connected.max(1) as f64
+    };
     s.rss = match (rss_before, rss_after) {
         (Some((before, source)), Some((after, _))) => Some(Rss {
             before_bytes: before,
             after_bytes: after,
-            per_session_bytes: if s.sessions_connected > 0 {
-                (after as f64 - before as f64) / s.sessions_connected as f64
-            } else {
-                0.0
-            },
+            per_session_bytes: per(after, before),
+            end_bytes: rss_end.as_ref().map(|e| e.0),
+            per_session_end_bytes: rss_end.as_ref().map(|e| per(e.0, before)),
             source,
         }),
         _ => None,

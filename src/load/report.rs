@@ -1,7 +1,7 @@
 //! The figures of a run: the summary (also the `--json`), its table, and the HTML report
 //! (inline SVG: the latency percentile plot and the per-second timeline).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 
 use hdrhistogram::Histogram;
@@ -57,6 +57,9 @@ pub struct Rss {
     pub before_bytes: u64,
     pub after_bytes: u64,
     pub per_session_bytes: f64,
+    /// Near the end of the measured phase (the sessions still held), when read.
+    pub end_bytes: Option<u64>,
+    pub per_session_end_bytes: Option<f64>,
     pub source: String,
 }
 
@@ -95,7 +98,17 @@ pub struct Summary {
     pub latency: Latency,
     pub ramp_latency: Latency,
     pub steady_latency: Latency,
+    /// fanout/broadcast: per change, the delay of its last delivery (over every member of
+    /// every worker); `count` is the number of changes.
+    pub last_delivery: Option<Latency>,
+    /// fanout/broadcast: members that saw a change, on average.
+    pub receivers_per_change: Option<f64>,
     pub frames: u64,
+    /// CPU seconds used by the load generator's workers, and by the node (with
+    /// `--server-pid`) from before the ramp to the end.
+    pub client_cpu_s: f64,
+    pub server_cpu_s: Option<f64>,
+    pub wall_s: f64,
     pub reconnects: u64,
     pub throttled: u64,
     pub errors: BTreeMap<String, u64>,
@@ -159,6 +172,24 @@ pub(super) fn summarize(
     let (ramp_d, steady_d) = (sum(|t| t.ramp_deliveries), sum(|t| t.deliveries));
     let ramp_s = ramp.ramp_ms as f64 / 1000.0;
     let dur = o.duration.as_secs_f64();
+    let mut last: HashMap<u64, (u64, u64)> = HashMap::new();
+    for t in finals {
+        for &(stamp, us, n) in &t.last {
+            let e = last.entry(stamp).or_default();
+            e.0 = e.0.max(us);
+            e.1 += n;
+        }
+    }
+    let (last_delivery, receivers_per_change) = if last.is_empty() {
+        (None, None)
+    } else {
+        let mut h = stats::histogram();
+        for &(us, _) in last.values() {
+            stats::record(&mut h, us);
+        }
+        let n: u64 = last.values().map(|v| v.1).sum();
+        (Some(Latency::of(&h)), Some(n as f64 / last.len() as f64))
+    };
     let changes = sum(|t| t.changes);
     // Without changes, what members saw after the ramp are its last joins.
     let steady_phase = changes > 0;
@@ -219,7 +250,12 @@ pub(super) fn summarize(
         latency: Latency::of(if steady_phase { &steady_h } else { &ramp_h }),
         ramp_latency: Latency::of(&ramp_h),
         steady_latency: Latency::of(if steady_phase { &steady_h } else { &empty }),
+        last_delivery,
+        receivers_per_change,
         frames: sum(|t| t.frames),
+        client_cpu_s: finals.iter().map(|t| t.cpu_s).sum(),
+        server_cpu_s: None,
+        wall_s: 0.0,
         reconnects: sum(|t| t.reconnects),
         throttled: sum(|t| t.throttled),
         errors_total: errors.values().sum(),
@@ -284,21 +320,52 @@ impl Summary {
                 l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms, l.count
             ),
         );
+        if let (Some(l), Some(n)) = (&self.last_delivery, self.receivers_per_change) {
+            row(
+                "last delivery per change",
+                format!(
+                    "p50 {:.2} · p99 {:.2} · max {:.2} ms ({} changes, {n:.0} receivers each)",
+                    l.p50_ms, l.p99_ms, l.max_ms, l.count
+                ),
+            );
+        }
+        row(
+            "CPU (wall)",
+            format!(
+                "load generator {:.1} s, node {} in {:.1} s",
+                self.client_cpu_s,
+                self.server_cpu_s
+                    .map_or("not measured".to_string(), |c| format!("{c:.1} s")),
+                self.wall_s
+            ),
+        );
         row(
             "reconnects / throttled",
             format!("{} / {}", self.reconnects, self.throttled),
         );
         match &self.rss {
-            Some(r) => row(
-                "server RSS",
-                format!(
-                    "{:.1} MB → {:.1} MB: {:.1} KB per session ({})",
-                    r.before_bytes as f64 / 1e6,
-                    r.after_bytes as f64 / 1e6,
-                    r.per_session_bytes / 1024.0,
-                    r.source
-                ),
-            ),
+            Some(r) => {
+                row(
+                    "server RSS",
+                    format!(
+                        "{:.1} MB → {:.1} MB once all are in: {:.1} KB per session ({})",
+                        r.before_bytes as f64 / 1e6,
+                        r.after_bytes as f64 / 1e6,
+                        r.per_session_bytes / 1024.0,
+                        r.source
+                    ),
+                );
+                if let (Some(end), Some(per)) = (r.end_bytes, r.per_session_end_bytes) {
+                    row(
+                        "server RSS, end of hold",
+                        format!(
+                            "{:.1} MB: {:.1} KB per session",
+                            end as f64 / 1e6,
+                            per / 1024.0
+                        ),
+                    );
+                }
+            }
             None => row("server RSS", "not measured".into()),
         }
         row("errors", self.errors_total.to_string());

@@ -110,4 +110,26 @@ pub struct Totals {
     pub hist: String,
     /// Connect + join latency of each session's first connection.
     pub connect_hist: String,
+    /// fanout/broadcast, measured phase: per change (its stamp), the longest delay seen here
+    /// and how many members saw it.
+    #[serde(default)]
+    pub last: Vec<(u64, u64, u64)>,
+    /// CPU seconds (user + system) this worker's process used.
+    #[serde(default)]
+    pub cpu_s: f64,
+}
+
+/// CPU seconds (user + system) a process has used so far, from `/proc/<pid>/stat`.
+pub fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/stat"),
+        None => "/proc/self/stat".to_string(),
+    };
+    let s = std::fs::read_to_string(path).ok()?;
+    // Fields after the command (which may hold spaces): state is field 3, utime 14, stime 15.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // USER_HZ is 100 on Linux.
+    Some(ticks / 100.0)
 }

@@ -97,6 +97,10 @@ async fn fanout_delivers_each_change_to_the_room() {
     assert!(s.changes > 0);
     // Every status change reaches the other 19 members.
     assert!(s.steady_deliveries >= s.changes, "{}", s.table());
+    // And each change's last delivery is known.
+    let last = s.last_delivery.as_ref().expect("last delivery per change");
+    assert!(last.count > 0 && last.count <= s.changes);
+    assert!(s.receivers_per_change.unwrap() >= 1.0);
 }
 
 #[actix_web::test]
