@@ -70,7 +70,8 @@ fn room_of(o: &LoadOptions, g: usize) -> usize {
 
 /// Counters every session of the worker writes into.
 struct Counters {
-    steady: bool,
+    /// Start of the measured phase (unix µs).
+    steady_since: Option<u64>,
     ramp_hist: Histogram<u64>,
     hist: Histogram<u64>,
     second: Histogram<u64>,
@@ -94,7 +95,12 @@ impl Counters {
     }
 
     fn delivered(&mut self, stamp: u64, us: u64) {
-        if self.steady {
+        // Stamped before the measured phase: a late delivery of a ramp join.
+        let late = self.steady_since.is_some_and(|t| stamp < t);
+        if !late {
+            stats::record(&mut self.second, us);
+        }
+        if self.steady_since.is_some_and(|t| stamp >= t) {
             stats::record(&mut self.hist, us);
             self.deliveries += 1;
             if let Some(last) = &mut self.last {
@@ -106,7 +112,6 @@ impl Counters {
             stats::record(&mut self.ramp_hist, us);
             self.ramp_deliveries += 1;
         }
-        stats::record(&mut self.second, us);
         self.second_deliveries += 1;
     }
 }
@@ -198,16 +203,18 @@ async fn connect_once(sh: &Shared, g: usize, src: Option<IpAddr>) -> Result<Ws, 
     }
 }
 
-/// Connects within the worker's rate, retrying 429s; `Err` with the reason otherwise.
-async fn connect(sh: &Shared, g: usize) -> Result<Ws, String> {
+/// Connects within the worker's rate, retrying 429s; `Err` with the reason otherwise. With the
+/// socket, the moment its (last) attempt started.
+async fn connect(sh: &Shared, g: usize) -> Result<(Ws, Instant), String> {
     let src = (!sh.sources.is_empty()).then(|| sh.sources[g % sh.sources.len()]);
     loop {
         let slot = sh.limiter.borrow_mut().slot();
         sleep_until(slot).await;
-        match timeout(Duration::from_secs(20), connect_once(sh, g, src)).await {
+        let attempt = Instant::now();
+        match timeout(Duration::from_secs(60), connect_once(sh, g, src)).await {
             Ok(Ok(ws)) => {
                 sh.limiter.borrow_mut().succeeded();
-                return Ok(ws);
+                return Ok((ws, attempt));
             }
             Ok(Err(ConnectErr::Throttled)) => {
                 sh.counters.borrow_mut().throttled += 1;
@@ -285,6 +292,8 @@ struct Session {
     counted: bool,
     /// The first connection's outcome was reported.
     settled: bool,
+    /// Changes that arrived while a join was in flight.
+    deferred: Vec<Cmd>,
 }
 
 impl Session {
@@ -419,16 +428,16 @@ async fn session(sh: Rc<Shared>, g: usize, room: String, mut cmds: mpsc::Unbound
         first: None,
         counted: false,
         settled: false,
+        deferred: Vec::new(),
     };
     let mut first = true;
     loop {
-        let started = Instant::now();
         let ws = tokio::select! {
             r = connect(&sh, g) => r,
             // Told to stop before being connected.
             _ = closed(&mut cmds) => break,
         };
-        let mut ws = match ws {
+        let (mut ws, started) = match ws {
             Ok(ws) => ws,
             Err(why) => {
                 sh.counters.borrow_mut().error(why.clone());
@@ -500,6 +509,12 @@ async fn drive(
                     } else {
                         sh.counters.borrow_mut().frames += 1;
                         s.answer(sh, t.as_str());
+                        while !s.joining() && !s.deferred.is_empty() {
+                            match s.deferred.remove(0) {
+                                Cmd::Reconnect => return Ok(End::Reconnect),
+                                c => s.command(ws, c).await?,
+                            }
+                        }
                     }
                 }
                 Some(Ok(Message::Close(c))) => {
@@ -512,10 +527,12 @@ async fn drive(
                 Some(Err(e)) => return Err(format!("connection: {e}")),
                 None => return Err("connection lost".into()),
             },
-            // A join in flight: the next change waits for its reply (a status pushed before
-            // the join is done would be refused as not_joined).
-            cmd = cmds.recv(), if !s.joining() => match cmd {
+            cmd = cmds.recv() => match cmd {
                 None => return Ok(End::Stop),
+                Some(Cmd::Heartbeat) => s.command(ws, Cmd::Heartbeat).await?,
+                // A join in flight: changes wait for its reply (a status pushed before the join
+                // is done would be refused as not_joined).
+                Some(c) if s.joining() => s.deferred.push(c),
                 Some(Cmd::Reconnect) => return Ok(End::Reconnect),
                 Some(c) => s.command(ws, c).await?,
             },
@@ -557,7 +574,7 @@ pub async fn run(
         sources: share.sources.clone(),
         limiter: RefCell::new(Limiter::new(rate)),
         counters: RefCell::new(Counters {
-            steady: false,
+            steady_since: None,
             ramp_hist: stats::histogram(),
             hist: stats::histogram(),
             second: stats::small_histogram(),
@@ -606,8 +623,13 @@ pub async fn run(
     let (mut settled, mut connected, mut failed) = (0usize, 0u64, 0u64);
     let mut ramp_ms = 0;
     let mut ready = handles.is_empty();
-    let ramp_limit =
-        started + Duration::from_secs_f64(handles.len() as f64 / f64::from(rate) * 4.0 + 60.0);
+    // In one big room every join is a diff to every member already in: N²/2 deliveries.
+    let storm = match o.scenario {
+        Scenario::Fanout | Scenario::Broadcast => (o.sessions as f64).powi(2) / 2.0 / 50_000.0,
+        _ => 0.0,
+    };
+    let ramp_limit = started
+        + Duration::from_secs_f64(handles.len() as f64 / f64::from(rate) * 4.0 + 60.0 + storm);
     if ready {
         let _ = out.send(Event::Ready {
             worker,
@@ -620,8 +642,13 @@ pub async fn run(
     let mut going = false;
     let mut steady_since: Option<Instant> = None;
     let mut sent = 0u64;
-    let per_s = share.part(o.changes);
     let broadcaster = matches!(o.scenario, Scenario::Broadcast) && share.index == 0;
+    // One member broadcasts: worker 0 makes them all.
+    let per_s = if broadcaster {
+        f64::from(o.changes)
+    } else {
+        share.part(o.changes)
+    };
     let changes_here = match o.scenario {
         Scenario::Connect | Scenario::Demo => false,
         Scenario::Broadcast => broadcaster,
@@ -648,7 +675,7 @@ pub async fn run(
             _ = &mut go, if ready && !going => {
                 going = true;
                 steady_since = Some(Instant::now());
-                sh.counters.borrow_mut().steady = true;
+                sh.counters.borrow_mut().steady_since = Some(stats::now_us());
             }
             _ = ticker.tick() => {
                 tick_no += 1;

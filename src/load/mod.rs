@@ -556,6 +556,7 @@ pub async fn run(o: LoadOptions) -> Result<Summary, LoadError> {
     let mut fatal: Vec<String> = Vec::new();
     let mut progress = interval(Duration::from_secs(1));
     let mut steady_at: Option<Instant> = None;
+    let mut go_sec: Option<u64> = None;
     let mut rss_end = None;
     // The last RSS reading: a second before the workers close their sessions.
     let end_reading = o.duration.saturating_sub(Duration::from_secs(1));
@@ -577,7 +578,10 @@ pub async fn run(o: LoadOptions) -> Result<Summary, LoadError> {
                         s.changes += changes;
                         s.deliveries += deliveries;
                         if let Ok(h) = stats::decode(&hist) {
-                            stats::merge(&mut so_far, &h);
+                            // "p99 so far": the ramp's, then the measured phase's only.
+                            if go_sec.is_none_or(|g| sec > g) {
+                                stats::merge(&mut so_far, &h);
+                            }
                             match &mut s.hist {
                                 Some(into) => stats::merge(into, &h),
                                 None => s.hist = Some(h),
@@ -592,6 +596,7 @@ pub async fn run(o: LoadOptions) -> Result<Summary, LoadError> {
                         if ready == workers {
                             rss_after = rss(&o).await;
                             so_far.reset();
+                            go_sec = Some(stats::now_us() / 1_000_000);
                             steady_at = Some(Instant::now());
                             for g in gos.drain(..) {
                                 match g {
