@@ -815,3 +815,59 @@ async fn endpoint(url: &str) -> Result<(SocketAddr, String, String), String> {
         .ok_or_else(|| format!("{host} has no IPv4 address"))?;
     Ok((target, format!("{host}:{port}"), "/socket/websocket".into()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counters() -> Counters {
+        Counters {
+            steady_since: None,
+            ramp_hist: stats::histogram(),
+            hist: stats::histogram(),
+            second: stats::small_histogram(),
+            connect_hist: stats::histogram(),
+            ramp_deliveries: 0,
+            deliveries: 0,
+            second_deliveries: 0,
+            frames: 0,
+            changes: 0,
+            second_changes: 0,
+            reconnects: 0,
+            throttled: 0,
+            errors: BTreeMap::new(),
+            last: Some(HashMap::new()),
+        }
+    }
+
+    #[test]
+    fn only_the_joins_of_a_diff_and_broadcasts_are_stamped_deliveries() {
+        let mut c = counters();
+        let t = stats::now_us();
+        c.steady_since = Some(t - 10);
+        // An update: the new meta in joins, the old one (older stamp) in leaves.
+        let diff = format!(
+            r#"[null,null,"room:a","presence_diff",{{"joins":{{"u1":{{"metas":[{{"_lt":{t},"status":"away"}}]}}}},"leaves":{{"u1":{{"metas":[{{"_lt":5,"status":"online"}}]}}}}}}]"#
+        );
+        scan(diff.as_bytes(), &mut c);
+        assert_eq!((c.deliveries, c.ramp_deliveries), (1, 0));
+        let state = format!(
+            r#"[null,null,"room:a","presence_state",{{"u1":{{"metas":[{{"_lt":{t}}}]}}}}]"#
+        );
+        scan(state.as_bytes(), &mut c);
+        assert_eq!(c.deliveries, 1, "presence_state is not a delivery");
+        let b = format!(r#"[null,null,"room:a","load",{{"_lt":{t}}}]"#);
+        scan(b.as_bytes(), &mut c);
+        assert_eq!(c.deliveries, 2);
+        assert_eq!(
+            c.last.as_ref().unwrap()[&t].1,
+            2,
+            "two receipts of one change"
+        );
+        // A stamp from before the measured phase is a late ramp delivery.
+        let old = r#"[null,null,"room:a","presence_diff",{"joins":{"u2":{"metas":[{"_lt":7}]}},"leaves":{}}]"#;
+        scan(old.as_bytes(), &mut c);
+        assert_eq!((c.deliveries, c.ramp_deliveries), (2, 1));
+        assert_eq!(c.frames, 4);
+    }
+}

@@ -773,3 +773,71 @@ async fn run_demo(o: LoadOptions) -> Result<Summary, LoadError> {
     write_outputs(&o, &s)?;
     Ok(s)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn the_command_line_reads_rates_durations_and_sources() {
+        let Invocation::Run(o) = parse(args(
+            "churn --password pw --sessions 20000 --rooms 1000 --rate 5000/s --changes 2000/s --duration 1m --procs 2 --sources 127.0.0.2-127.0.0.4,127.0.0.9",
+        ))
+        .unwrap() else {
+            panic!("a run")
+        };
+        assert_eq!(o.scenario, Scenario::Churn);
+        assert_eq!(
+            (o.sessions, o.rooms, o.rate, o.changes),
+            (20_000, 1000, 5000, 2000)
+        );
+        assert_eq!(o.duration, Duration::from_secs(60));
+        assert_eq!(o.sources.len(), 4);
+        assert_eq!(o.sources[3].to_string(), "127.0.0.9");
+        assert!(validate(&o).is_ok());
+        assert!(parse(args("nope --password x"))
+            .unwrap_err()
+            .contains("scenario"));
+        assert!(parse(args("connect --bogus 1")).is_err());
+        assert!(matches!(parse(args("--help")), Ok(Invocation::Help)));
+    }
+
+    #[test]
+    fn too_many_sessions_for_one_process_ask_for_more_procs() {
+        let o = LoadOptions {
+            sessions: 19_500 * 2,
+            password: "x".into(),
+            ..LoadOptions::default()
+        };
+        assert!(validate(&o).unwrap_err().to_string().contains("--procs"));
+        assert!(validate(&LoadOptions { procs: 2, ..o }).is_ok());
+    }
+
+    #[test]
+    fn workers_get_their_share_of_the_sources() {
+        let o = LoadOptions {
+            procs: 2,
+            sources: sources("127.0.0.2-127.0.0.5").unwrap(),
+            ..LoadOptions::default()
+        };
+        let a = worker_args(&o, 1, "acc");
+        let i = a.iter().position(|x| x == "--sources").unwrap();
+        assert_eq!(a[i + 1], "127.0.0.3,127.0.0.5");
+        assert!(!a.iter().any(|x| x.contains("password")));
+    }
+
+    #[test]
+    fn histograms_survive_the_trip_between_processes() {
+        let mut h = stats::histogram();
+        for v in [5u64, 1_000, 250_000] {
+            stats::record(&mut h, v);
+        }
+        let back = stats::decode(&stats::encode(&h)).unwrap();
+        assert_eq!(back.len(), 3);
+        assert_eq!(back.max(), h.max());
+    }
+}
