@@ -735,6 +735,7 @@ async fn run_demo(o: LoadOptions) -> Result<Summary, LoadError> {
     };
     let (ready_tx, ready_rx) = oneshot::channel::<demo::Ready>();
     let started = Instant::now();
+    let cpu_before = stats::cpu_seconds(None).unwrap_or(0.0);
     let ramp = std::rc::Rc::new(std::cell::Cell::new(None));
     let ramp2 = ramp.clone();
     let duration = o.duration;
@@ -756,6 +757,8 @@ async fn run_demo(o: LoadOptions) -> Result<Summary, LoadError> {
             ramp_ms: ramp_t.as_millis() as u64,
         },
     );
+    s.wall_s = started.elapsed().as_secs_f64();
+    s.client_cpu_s = (stats::cpu_seconds(None).unwrap_or(0.0) - cpu_before).max(0.0);
     s.changes = r.events;
     s.changes_per_s = r.events as f64 / o.duration.as_secs_f64();
     s.reconnects = r.reconnects;

@@ -219,7 +219,10 @@ pub(super) fn summarize(
         scenario: o.scenario.name().into(),
         url: o.url.clone(),
         sessions_target: o.sessions,
-        rooms: o.rooms,
+        rooms: match o.scenario {
+            super::Scenario::Fanout | super::Scenario::Broadcast => 1,
+            _ => o.rooms,
+        },
         rate_target: o.rate,
         changes_target: o.changes,
         duration_s: dur,
@@ -484,7 +487,7 @@ pub fn html(s: &Summary) -> String {
     let _ = write!(
         h,
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>presenced-load: {}</title>\
-<style>body{{font-family:sans-serif;margin:24px;color:#222}}pre{{background:#f6f6f6;padding:12px}}</style></head><body>\
+<style>body{{font-family:sans-serif;margin:24px;color:#222}}pre{{background:#f6f6f6;padding:12px;white-space:pre-wrap}}</style></head><body>\
 <h1>presenced-load: {}</h1><pre>{}</pre>",
         esc(&s.scenario),
         esc(&s.scenario),
