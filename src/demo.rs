@@ -285,8 +285,13 @@ pub async fn run_with(
         throttled: throttled.clone(),
         verbose: opts.verbose,
     };
+    let plan = if opts.users > PRO_HEADROOM {
+        "enterprise"
+    } else {
+        "pro"
+    };
     let account = tokio::select! {
-        r = setup(&mut api, &opts) => r?,
+        r = setup(&mut api, &opts, plan) => r?,
         _ = &mut stop => return Ok(DemoReport::default()),
     };
     if opts.verbose {
@@ -369,7 +374,7 @@ fn validate(o: &DemoOptions) -> Result<(), DemoError> {
 }
 
 /// `http://host:port` without a trailing slash; refuses anything but plain http.
-fn base_url(raw: &str) -> Result<String, DemoError> {
+pub fn base_url(raw: &str) -> Result<String, DemoError> {
     let u = url::Url::parse(raw)
         .map_err(|e| DemoError::Usage(format!("--url '{raw}' is not a URL ({e})")))?;
     match u.scheme() {
@@ -414,10 +419,30 @@ struct Api {
     verbose: bool,
 }
 
-struct DemoAccount {
-    id: String,
-    secret: String,
-    created: bool,
+/// An account the simulated users (or `presenced-load`'s sessions) belong to, and a secret to
+/// mint their tokens with.
+pub struct DemoAccount {
+    pub id: String,
+    pub secret: String,
+    /// Created by this call (else found, and its signing secret rotated).
+    pub created: bool,
+}
+
+/// Logs in as the admin of `opts` and finds `opts.account`, or creates it on `plan`: the first
+/// steps of the demo, shared with `presenced-load`.
+pub async fn account_access(opts: &DemoOptions, plan: &str) -> Result<DemoAccount, DemoError> {
+    let base = base_url(&opts.url)?;
+    let client = awc::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .finish();
+    let mut api = Api {
+        client,
+        base,
+        token: None,
+        throttled: Rc::new(Cell::new(0)),
+        verbose: opts.verbose,
+    };
+    setup(&mut api, opts, plan).await
 }
 
 impl Api {
@@ -485,7 +510,7 @@ fn message_of(status: u16, v: &Value) -> String {
         })
 }
 
-async fn setup(api: &mut Api, o: &DemoOptions) -> Result<DemoAccount, DemoError> {
+async fn setup(api: &mut Api, o: &DemoOptions, plan: &str) -> Result<DemoAccount, DemoError> {
     let (status, v) = api
         .call(
             Method::POST,
@@ -560,11 +585,6 @@ async fn setup(api: &mut Api, o: &DemoOptions) -> Result<DemoAccount, DemoError>
             })
         }
         None => {
-            let plan = if o.users > PRO_HEADROOM {
-                "enterprise"
-            } else {
-                "pro"
-            };
             let (status, v) = api
                 .call(
                     Method::POST,
@@ -766,7 +786,7 @@ enum Report {
 }
 
 /// New connections per second: additive increase, multiplicative decrease on 429.
-struct Limiter {
+pub(crate) struct Limiter {
     max: f64,
     rate: f64,
     next: Instant,
@@ -774,7 +794,7 @@ struct Limiter {
 }
 
 impl Limiter {
-    fn new(per_s: u32) -> Limiter {
+    pub(crate) fn new(per_s: u32) -> Limiter {
         let max = f64::from(per_s.max(1));
         Limiter {
             max,
@@ -785,18 +805,18 @@ impl Limiter {
     }
 
     /// The moment the next connection may start.
-    fn slot(&mut self) -> Instant {
+    pub(crate) fn slot(&mut self) -> Instant {
         let at = self.next.max(Instant::now());
         self.next = at + Duration::from_secs_f64(1.0 / self.rate);
         at
     }
 
-    fn succeeded(&mut self) {
+    pub(crate) fn succeeded(&mut self) {
         self.rate = (self.rate + 1.0).min(self.max);
     }
 
     /// The server said 429: half the rate and a pause, once for a burst of refusals.
-    fn throttled(&mut self) {
+    pub(crate) fn throttled(&mut self) {
         let now = Instant::now();
         if self
             .last_cut

@@ -7,6 +7,7 @@ pub mod dashboard;
 pub mod demo;
 pub mod http;
 pub mod limits;
+pub mod load;
 pub mod persist;
 pub mod store;
 pub mod usage;

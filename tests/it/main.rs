@@ -7,6 +7,7 @@ mod demo;
 mod floor;
 mod helpers;
 mod http;
+mod load;
 mod persistence;
 mod plans;
 mod roles;

@@ -1,0 +1,44 @@
+//! `presenced-load`: the load generator (see `presenced-load --help` and README "Load testing").
+
+use std::process::ExitCode;
+
+use presenced::load::{self, Invocation, LoadError};
+
+fn main() -> ExitCode {
+    let inv = match load::parse(std::env::args().skip(1).collect()) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("presenced-load: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let sys = actix_web::rt::System::new();
+    match inv {
+        Invocation::Help => {
+            print!("{}", load::help());
+            ExitCode::SUCCESS
+        }
+        Invocation::Worker(o, share) => {
+            sys.block_on(load::worker_main(o, share));
+            ExitCode::SUCCESS
+        }
+        Invocation::Run(o) => match sys.block_on(load::run(o)) {
+            Ok(s) => {
+                print!("{}", s.table());
+                if s.sessions_connected == 0 {
+                    ExitCode::from(1)
+                } else {
+                    ExitCode::SUCCESS
+                }
+            }
+            Err(e @ LoadError::Usage(_)) => {
+                eprintln!("presenced-load: {e}");
+                ExitCode::from(2)
+            }
+            Err(e) => {
+                eprintln!("presenced-load: {e}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}

@@ -1,0 +1,135 @@
+//! Figures: HDR histograms (microseconds), their wire form between processes, and the events a
+//! worker reports to the parent (one JSON object a line on its stdout).
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+/// Highest latency a histogram holds: 10 minutes, in µs (larger values are clamped).
+const MAX_US: u64 = 600_000_000;
+
+/// A latency histogram in microseconds, 3 significant figures.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_US, 3).expect("valid histogram bounds")
+}
+
+/// A per-second histogram: 2 significant figures are enough for a p99 line and keep it small.
+pub fn small_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_US, 2).expect("valid histogram bounds")
+}
+
+pub fn record(h: &mut Histogram<u64>, us: u64) {
+    h.saturating_record(us.clamp(1, MAX_US));
+}
+
+/// V2 serialisation, base64: one printable token.
+pub fn encode(h: &Histogram<u64>) -> String {
+    let mut buf = Vec::new();
+    // Writing into a Vec cannot fail.
+    let _ = V2Serializer::new().serialize(h, &mut buf);
+    base64::engine::general_purpose::STANDARD.encode(buf)
+}
+
+pub fn decode(s: &str) -> Result<Histogram<u64>, String> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .map_err(|e| format!("histogram: bad base64: {e}"))?;
+    Deserializer::new()
+        .deserialize(&mut &bytes[..])
+        .map_err(|e| format!("histogram: {e:?}"))
+}
+
+/// Adds `from` into `into`, clamping what does not fit.
+pub fn merge(into: &mut Histogram<u64>, from: &Histogram<u64>) {
+    if into.add(from).is_err() {
+        for v in from.iter_recorded() {
+            let _ = into.record_n(v.value_iterated_to().clamp(1, MAX_US), v.count_at_value());
+        }
+    }
+}
+
+/// Now, as unix microseconds: the clock every process on the machine shares.
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// What a worker (in this process or a child) tells the coordinator.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum Event {
+    /// One wall-clock second (`sec`, unix seconds) of one worker.
+    Tick {
+        worker: usize,
+        sec: u64,
+        /// Sessions connected at the end of the second.
+        sessions: u64,
+        changes: u64,
+        deliveries: u64,
+        /// Delivery delays recorded in that second (`encode`d).
+        hist: String,
+    },
+    /// Every session of the worker has connected and joined, or failed.
+    Ready {
+        worker: usize,
+        connected: u64,
+        failed: u64,
+        /// From the first connection attempt to the last join answered.
+        ramp_ms: u64,
+    },
+    /// The worker is done: its totals.
+    Final(Box<Totals>),
+    /// The worker could not run.
+    Fatal { worker: usize, why: String },
+}
+
+/// A worker's figures at the end.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Totals {
+    pub worker: usize,
+    pub connected: u64,
+    pub failed: u64,
+    pub ramp_ms: u64,
+    pub changes: u64,
+    /// Timestamped changes seen by members during the ramp and during the measured phase.
+    pub ramp_deliveries: u64,
+    pub deliveries: u64,
+    /// Frames received in all.
+    pub frames: u64,
+    pub reconnects: u64,
+    /// 429 answers to upgrades (retried after a pause, not errors).
+    pub throttled: u64,
+    pub errors: BTreeMap<String, u64>,
+    /// Delivery delays during the ramp (joins of others) and during the measured phase.
+    pub ramp_hist: String,
+    pub hist: String,
+    /// Connect + join latency of each session's first connection.
+    pub connect_hist: String,
+    /// fanout/broadcast, measured phase: per change (its stamp), the longest delay seen here
+    /// and how many members saw it.
+    #[serde(default)]
+    pub last: Vec<(u64, u64, u64)>,
+    /// CPU seconds (user + system) this worker's process used.
+    #[serde(default)]
+    pub cpu_s: f64,
+}
+
+/// CPU seconds (user + system) a process has used so far, from `/proc/<pid>/stat`.
+pub fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/stat"),
+        None => "/proc/self/stat".to_string(),
+    };
+    let s = std::fs::read_to_string(path).ok()?;
+    // Fields after the command (which may hold spaces): state is field 3, utime 14, stime 15.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // USER_HZ is 100 on Linux.
+    Some(ticks / 100.0)
+}
