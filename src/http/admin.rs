@@ -157,8 +157,9 @@ pub async fn ensure_live(state: &AppState, claims: &AccessClaims) -> Result<(), 
 
 // ---- shared bits ----
 
-fn client_ip(req: &HttpRequest) -> Option<String> {
-    req.peer_addr().map(|a| a.ip().to_string())
+/// The client's address as the audit log records it (X-Forwarded-For from trusted proxies).
+fn client_ip(state: &AppState, req: &HttpRequest) -> Option<String> {
+    state.rate.client_ip(req).map(|ip| ip.to_string())
 }
 
 /// One audit entry to write beside a change, inside the same blocking call.
@@ -374,7 +375,7 @@ pub async fn create_user(
     }
     let st = state.clone();
     let actor = caller.0.sub.clone();
-    let ip = client_ip(&req);
+    let ip = client_ip(&state, &req);
     let user = web::block(move || -> Result<User, ApiError> {
         let password_hash = hash(&password)?;
         let id = store::new_id("usr_");
@@ -462,7 +463,7 @@ pub async fn delete_user(
     }
     let st = state.clone();
     let actor = caller.0.sub.clone();
-    let ip = client_ip(&req);
+    let ip = client_ip(&state, &req);
     web::block(move || -> Result<(), ApiError> {
         match st.store.delete_user(&target.id) {
             Ok(()) => {}
@@ -544,7 +545,7 @@ pub async fn update_user(
     }
     let st = state.clone();
     let actor = caller.0.sub.clone();
-    let ip = client_ip(&req);
+    let ip = client_ip(&state, &req);
     let changed = web::block(move || -> Result<_, ApiError> {
         let password_hash = password.as_deref().map(hash).transpose()?;
         let changes = UserChanges {
@@ -646,7 +647,7 @@ pub async fn update_account(
     };
     let st = state.clone();
     let actor = caller.0.sub.clone();
-    let ip = client_ip(&req);
+    let ip = client_ip(&state, &req);
     let account = web::block(move || -> Result<Account, ApiError> {
         if let Some(p) = &plan {
             match st.store.get_plan(p) {
@@ -719,7 +720,7 @@ pub async fn rotate_secret(
     caller.manage(&id)?;
     let st = state.clone();
     let actor = caller.0.sub.clone();
-    let ip = client_ip(&req);
+    let ip = client_ip(&state, &req);
     let grace_ms = (state.settings.auth.rotation_grace_s as i64).saturating_mul(1000);
     let account = web::block(move || -> Result<Account, ApiError> {
         let now = now_ms();
