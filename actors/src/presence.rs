@@ -338,8 +338,9 @@ impl PresenceSet {
         let Some(i) = replaced else {
             let meta = arrival.into_meta(new_ref);
             diff.joins.push((key.clone(), meta.clone()));
-            // Most users have one session here: grow one entry at a time, not to four.
-            if metas.len() == metas.capacity() {
+            // Most users have one session here: the first entry takes room for one, not four
+            // (later ones grow as usual).
+            if metas.capacity() == 0 {
                 metas.reserve_exact(1);
             }
             metas.push(Entry {

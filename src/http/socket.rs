@@ -248,7 +248,8 @@ impl Channels {
         match self.position(&topic) {
             Some(i) => Some(std::mem::replace(&mut self.0[i].1, channel)),
             None => {
-                if self.0.capacity() == self.0.len() {
+                // Room for one at first (most sockets join one topic); then the usual growth.
+                if self.0.capacity() == 0 {
                     self.0.reserve_exact(1);
                 }
                 self.0.push((topic, channel));
