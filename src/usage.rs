@@ -113,7 +113,7 @@ pub struct ConnectionSlot(Arc<AccountUsage>);
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::Relaxed);
-        self.0.changed.store(true, Ordering::Relaxed);
+        self.0.mark_changed();
     }
 }
 
@@ -139,6 +139,14 @@ impl AccountUsage {
         }
     }
 
+    /// Flags the account for the next `usage_changed`. Called per frame sent: reads first, so
+    /// the shared cache line is written once per tick, not once per frame.
+    fn mark_changed(&self) {
+        if !self.changed.load(Ordering::Relaxed) {
+            self.changed.store(true, Ordering::Relaxed);
+        }
+    }
+
     pub fn plan(&self) -> Plan {
         match self.plan.read() {
             Ok(p) => p.clone(),
@@ -151,7 +159,7 @@ impl AccountUsage {
             Ok(mut p) => *p = plan,
             Err(p) => *p.into_inner() = plan,
         }
-        self.changed.store(true, Ordering::Relaxed);
+        self.mark_changed();
     }
 
     pub fn connections(&self) -> i64 {
@@ -184,7 +192,7 @@ impl AccountUsage {
             }
         }
         self.peak.fetch_max(current + 1, Ordering::Relaxed);
-        self.changed.store(true, Ordering::Relaxed);
+        self.mark_changed();
         Ok(ConnectionSlot(self.clone()))
     }
 
@@ -200,19 +208,19 @@ impl AccountUsage {
             });
         }
         self.messages_in.fetch_add(1, Ordering::Relaxed);
-        self.changed.store(true, Ordering::Relaxed);
+        self.mark_changed();
         Ok(())
     }
 
     /// Frames pushed to a client.
     pub fn messages_out(&self, n: i64) {
         self.messages_out.fetch_add(n, Ordering::Relaxed);
-        self.changed.store(true, Ordering::Relaxed);
+        self.mark_changed();
     }
 
     pub fn joined(&self) {
         self.joins.fetch_add(1, Ordering::Relaxed);
-        self.changed.store(true, Ordering::Relaxed);
+        self.mark_changed();
     }
 
     /// This minute so far, as a row.

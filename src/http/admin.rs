@@ -21,6 +21,7 @@ use presence_actors::now_ms;
 use presence_actors::registry::ResolveAccount;
 
 use crate::auth::{self, AccessClaims};
+use crate::http::api::{account_json, client_ip};
 use crate::http::error::ApiError;
 use crate::http::{AppState, Caller};
 use crate::store::admin::{AuditQuery, UserChanges};
@@ -157,11 +158,6 @@ pub async fn ensure_live(state: &AppState, claims: &AccessClaims) -> Result<(), 
 
 // ---- shared bits ----
 
-/// The client's address as the audit log records it (X-Forwarded-For from trusted proxies).
-fn client_ip(state: &AppState, req: &HttpRequest) -> Option<String> {
-    state.rate.client_ip(req).map(|ip| ip.to_string())
-}
-
 /// One audit entry to write beside a change, inside the same blocking call.
 struct Audit<'a> {
     account: Option<&'a str>,
@@ -204,17 +200,6 @@ fn user_json(u: &User) -> Value {
 }
 
 /// An account as owners see it: everything but its secrets.
-fn account_json(a: &Account) -> Value {
-    json!({
-        "id": a.id,
-        "name": a.name,
-        "plan": a.plan_id,
-        "settings": serde_json::from_str::<Value>(&a.settings).unwrap_or_else(|_| json!({})),
-        "created_at": a.created_at,
-        "updated_at": a.updated_at,
-    })
-}
-
 fn validate_email(email: &str) -> Result<(), ApiError> {
     let ok = EMAIL_CHARS.contains(&email.chars().count())
         && email.len() <= MAX_EMAIL_BYTES
@@ -281,7 +266,7 @@ pub async fn account_changed(state: &AppState, account: &Account) {
     match resolved {
         Ok(Ok(addr)) => addr.do_send(Notify {
             event: "account_update".into(),
-            payload: account_json(account),
+            payload: account_json(account, false),
         }),
         _ => log::warn!(
             "account_update for {} not pushed: no account actor",
@@ -703,7 +688,7 @@ pub async fn update_account(
     })
     .await??;
     account_changed(&state, &account).await;
-    Ok(HttpResponse::Ok().json(account_json(&account)))
+    Ok(HttpResponse::Ok().json(account_json(&account, false)))
 }
 
 /// `POST /accounts/{id}/secret/rotate`: a new signing secret. The current one becomes the

@@ -84,7 +84,8 @@ pub async fn metrics(state: Data) -> HttpResponse {
     HttpResponse::Ok().content_type(enc.format_type()).body(buf)
 }
 
-fn client_ip(state: &AppState, req: &HttpRequest) -> Option<String> {
+/// The client's address as the audit log records it (X-Forwarded-For from trusted proxies).
+pub(crate) fn client_ip(state: &AppState, req: &HttpRequest) -> Option<String> {
     state.rate.client_ip(req).map(|ip| ip.to_string())
 }
 
@@ -331,11 +332,12 @@ pub async fn logout(
     Ok(HttpResponse::NoContent().finish())
 }
 
-fn account_json(a: &Account, with_secret: bool) -> Value {
+pub(crate) fn account_json(a: &Account, with_secret: bool) -> Value {
     let mut v = json!({
         "id": a.id,
         "name": a.name,
         "plan": a.plan_id,
+        "settings": serde_json::from_str::<Value>(&a.settings).unwrap_or_else(|_| json!({})),
         "created_at": a.created_at,
         "updated_at": a.updated_at,
     });

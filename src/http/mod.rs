@@ -114,30 +114,46 @@ impl FromRequest for Caller {
     /// Verifies the bearer access token, then checks that its user still exists, is enabled
     /// and still has the token's role and account (`token_revoked` otherwise).
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        use actix_web::HttpMessage;
         let state = req.app_data::<web::Data<AppState>>().cloned();
-        let token = req
-            .headers()
-            .get("authorization")
-            .and_then(|h| h.to_str().ok())
-            .and_then(|h| {
-                h.strip_prefix("Bearer ")
-                    .or_else(|| h.strip_prefix("bearer "))
-            })
-            .map(|t| t.trim().to_string());
+        // The rate-limit middleware has usually verified the token already.
+        let verified = req.extensions().get::<Verified>().map(|v| v.0.clone());
+        let token = bearer(req).map(str::to_string);
         Box::pin(async move {
             let state = state.ok_or_else(ApiError::internal)?;
-            let token = token.ok_or_else(|| {
-                ApiError::unauthorized("missing_token", "send Authorization: Bearer <access token>")
-            })?;
-            let claims = state
-                .keys
-                .verify_access(&token)
-                .map_err(ApiError::from_token)?;
+            let claims = match (verified, token) {
+                (Some(v), _) => v,
+                (None, Some(t)) => state.keys.verify_access(&t),
+                (None, None) => {
+                    return Err(ApiError::unauthorized(
+                        "missing_token",
+                        "send Authorization: Bearer <access token>",
+                    ))
+                }
+            }
+            .map_err(ApiError::from_token)?;
             admin::ensure_live(&state, &claims).await?;
             Ok(Caller(claims))
         })
     }
 }
+
+/// The bearer token of a request, if any.
+fn bearer(req: &HttpRequest) -> Option<&str> {
+    req.headers()
+        .get("authorization")
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| {
+            h.strip_prefix("Bearer ")
+                .or_else(|| h.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+}
+
+/// The outcome of verifying a request's bearer token, kept in its extensions so the token is
+/// verified once per request (by the rate limiter), not again by `Caller`.
+#[derive(Clone)]
+struct Verified(Result<AccessClaims, crate::auth::TokenError>);
 
 /// Per-IP and per-account request limits of the API (429 with `Retry-After`). The socket
 /// upgrade has its own connect limits and is not counted here.
@@ -150,22 +166,18 @@ async fn api_rate_limit(
             if let Some(ip) = state.rate.client_ip(req.request()) {
                 state.rate.api_ip(ip).map_err(ApiError::throttled)?;
             }
-            let token = req
-                .headers()
-                .get("authorization")
-                .and_then(|h| h.to_str().ok())
-                .and_then(|h| {
-                    h.strip_prefix("Bearer ")
-                        .or_else(|| h.strip_prefix("bearer "))
-                });
             // Only a verified token names whose budget a request spends: a forged one cannot
             // exhaust another account's.
-            if let Some(Ok(c)) = token.map(|t| state.keys.verify_access(t.trim())) {
-                let key = match &c.acc {
-                    Some(a) => format!("acc:{a}"),
-                    None => format!("user:{}", c.sub),
-                };
-                state.rate.api_account(&key).map_err(ApiError::throttled)?;
+            if let Some(t) = bearer(req.request()) {
+                let verified = state.keys.verify_access(t);
+                if let Ok(c) = &verified {
+                    let key = match &c.acc {
+                        Some(a) => format!("acc:{a}"),
+                        None => format!("user:{}", c.sub),
+                    };
+                    state.rate.api_account(&key).map_err(ApiError::throttled)?;
+                }
+                actix_web::HttpMessage::extensions_mut(&req).insert(Verified(verified));
             }
         }
     }
