@@ -12,12 +12,6 @@ use presenced::store::testdb::TempDatabase;
 
 use crate::helpers::*;
 
-#[derive(Clone, Copy, Debug)]
-enum Backend {
-    Sqlite,
-    Postgres,
-}
-
 const PASSWORD: &str = "a-good-password";
 
 /// A node on a fresh database of `backend` (kept alive beside it), or `None` when PostgreSQL is
@@ -26,10 +20,7 @@ async fn spawn_on(
     backend: Backend,
     tweak: impl FnOnce(&mut presenced::config::Settings),
 ) -> Option<(TempDatabase, TestApp)> {
-    let db = match backend {
-        Backend::Sqlite => TempDatabase::sqlite(),
-        Backend::Postgres => TempDatabase::postgres()?,
-    };
+    let db = temp_db(backend)?;
     let app = spawn_app_with(|s| {
         s.database.url = db.url().to_string();
         tweak(s);

@@ -16,6 +16,23 @@ use presenced::http::AppState;
 pub const ADMIN_EMAIL: &str = "admin@test.local";
 pub const ADMIN_PASSWORD: &str = "admin-password-1";
 /// How long a test waits for an event before failing (behaviour, not speed).
+/// The database backends every persistence-touching test runs on.
+#[derive(Clone, Copy, Debug)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A fresh database of `backend`; `None` when PostgreSQL is absent outside CI (the test then
+/// skips; under CI=true its absence is a failure).
+pub fn temp_db(backend: Backend) -> Option<presenced::store::testdb::TempDatabase> {
+    use presenced::store::testdb::TempDatabase;
+    match backend {
+        Backend::Sqlite => Some(TempDatabase::sqlite()),
+        Backend::Postgres => TempDatabase::postgres(),
+    }
+}
+
 pub const WAIT: Duration = Duration::from_secs(10);
 
 pub struct TestApp {

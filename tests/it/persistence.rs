@@ -14,20 +14,6 @@ use presenced::store::Store;
 
 use crate::helpers::*;
 
-#[derive(Clone, Copy, Debug)]
-enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-/// A fresh database of `backend`, or `None` when PostgreSQL is absent outside CI (skipped).
-fn temp_db(backend: Backend) -> Option<TempDatabase> {
-    match backend {
-        Backend::Sqlite => Some(TempDatabase::sqlite()),
-        Backend::Postgres => TempDatabase::postgres(),
-    }
-}
-
 /// Polls `f` every 50 ms until it returns `Some`, for at most `WAIT`.
 async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
 where

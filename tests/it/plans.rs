@@ -5,24 +5,10 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use presenced::config::PlanQuota;
-use presenced::store::testdb::TempDatabase;
 use presenced::store::Store;
 use presenced::usage::{FlushUsage, Ticks};
 
 use crate::helpers::*;
-
-#[derive(Clone, Copy)]
-enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-fn temp_db(backend: Backend) -> Option<TempDatabase> {
-    match backend {
-        Backend::Sqlite => Some(TempDatabase::sqlite()),
-        Backend::Postgres => TempDatabase::postgres(),
-    }
-}
 
 async fn create_account_on(app: &TestApp, name: &str, plan: &str) -> TestAccount {
     let (status, v) = app
@@ -268,7 +254,6 @@ async fn api_requests_past_the_per_ip_and_per_account_limits_get_429_with_retry_
     })
     .await;
     let a = app.create_account("A").await;
-    let b = app.create_account("B").await;
     // Admin requests spend the admin's own budget ("user:<id>"), so use it up.
     let mut limited = None;
     for _ in 0..50 {
@@ -305,7 +290,6 @@ async fn api_requests_past_the_per_ip_and_per_account_limits_get_429_with_retry_
         )
         .await;
     assert_eq!(s, 401, "{v}");
-    let _ = b;
 
     // Per IP: a tight budget for anonymous callers too.
     let app = spawn_app_with(|s| s.limits.api_per_ip_per_s = 3).await;

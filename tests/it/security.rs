@@ -23,20 +23,6 @@ use crate::helpers::*;
 /// valid one in exactly one respect.
 const SERVER_KEY: &str = "security-suite-server-key-0123456789abcdef";
 
-#[derive(Clone, Copy, Debug)]
-enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-/// A fresh database of `backend`; `None` when PostgreSQL is absent outside CI (skipped).
-fn temp_db(backend: Backend) -> Option<TempDatabase> {
-    match backend {
-        Backend::Sqlite => Some(TempDatabase::sqlite()),
-        Backend::Postgres => TempDatabase::postgres(),
-    }
-}
-
 async fn secured_app(db: Option<&TempDatabase>) -> TestApp {
     spawn_app_with(|s| {
         s.auth.jwt_secret = Some(SERVER_KEY.into());
