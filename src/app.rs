@@ -50,6 +50,8 @@ pub struct Application {
     state: web::Data<AppState>,
     /// Kept so the registry's thread lives as long as the node.
     registry_arbiter: Arbiter,
+    /// The cluster driver's own thread (it encodes and decodes whole node states).
+    cluster_arbiter: Option<Arbiter>,
     /// Set when the bootstrap admin was created with a generated password (print it once).
     pub generated_admin_password: Option<String>,
 }
@@ -100,7 +102,15 @@ impl Application {
 
         let prometheus = prometheus::Registry::new();
         let metrics = Metrics::new(&prometheus);
-        let engine = Arc::new(settings.engine());
+        let cluster_cfg = crate::cluster::ClusterConfig::from_settings(&settings);
+        let outbox = cluster_cfg
+            .as_ref()
+            .map(|_| Arc::new(presence_actors::cluster::Outbox::default()));
+        let engine = {
+            let mut e = settings.engine();
+            e.cluster.outbox = outbox.clone();
+            Arc::new(e)
+        };
         let ids = Arc::new(IdGen::new());
         let registry_arbiter = Arbiter::new();
         let registry = {
@@ -109,8 +119,31 @@ impl Application {
                 Registry::new(engine, ids, metrics)
             })
         };
+        // The cluster first: a node restarting within its lease restores from Redis, which is
+        // fresher than the database's last snapshot.
+        let cluster_arbiter = cluster_cfg.as_ref().map(|_| Arbiter::new());
+        let (cluster, restored) = match (cluster_cfg, outbox, &cluster_arbiter) {
+            (Some(cfg), Some(outbox), Some(arbiter)) => {
+                let (c, restored) = crate::cluster::Cluster::start(
+                    cfg,
+                    outbox,
+                    registry.clone(),
+                    &prometheus,
+                    &arbiter.handle(),
+                )
+                .await
+                .map_err(|m| crate::config::ConfigError {
+                    setting: "redis.url".into(),
+                    message: m,
+                })?;
+                (Some(c), restored)
+            }
+            _ => (None, false),
+        };
+        let mut persist_cfg = PersistConfig::from_settings(&settings);
+        persist_cfg.restore = !restored;
         let persistence = Persistence::start(
-            PersistConfig::from_settings(&settings),
+            persist_cfg,
             store.clone(),
             registry.clone(),
             &prometheus,
@@ -171,6 +204,7 @@ impl Application {
             meter,
             rate,
             users: http::admin::UserCache::default(),
+            cluster,
         });
 
         let addr = settings.bind_addr()?;
@@ -219,6 +253,7 @@ impl Application {
             port,
             state,
             registry_arbiter,
+            cluster_arbiter,
             generated_admin_password,
         })
     }
@@ -243,6 +278,9 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let res = self.server.await;
         self.registry_arbiter.stop();
+        if let Some(a) = self.cluster_arbiter {
+            a.stop();
+        }
         res
     }
 }

@@ -95,11 +95,23 @@ impl Default for DatabaseSettings {
     }
 }
 
-#[derive(Clone, Deserialize, Serialize, Default)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisSettings {
     /// `redis://host:port/db`; unset runs a single node.
     pub url: Option<String>,
+    /// Every key and channel of the cluster starts with it, so several clusters (or test runs)
+    /// can share one Redis.
+    pub prefix: String,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        RedisSettings {
+            url: None,
+            prefix: "presenced".into(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -179,7 +191,10 @@ impl Default for HistorySettings {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterSettings {
+    /// A node whose lease is not renewed for this long is down: its users leave everywhere.
     pub node_ttl_ms: u64,
+    /// Local changes are coalesced and published once per tick.
+    pub tick_ms: u64,
     /// This node's name: its snapshot rows are keyed by it, so it must stay the same across
     /// restarts. Unset: `<hostname>:<port of server.bind>`.
     pub node_id: Option<String>,
@@ -189,6 +204,7 @@ impl Default for ClusterSettings {
     fn default() -> Self {
         ClusterSettings {
             node_ttl_ms: 15_000,
+            tick_ms: 25,
             node_id: None,
         }
     }
@@ -259,6 +275,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ),
     ("database.pool_size", "8"),
     ("redis.url (or REDIS_URL)", "unset: single node"),
+    ("redis.prefix", "presenced"),
     ("presence.grace_ms", "5000"),
     ("presence.timeout_ms", "60000"),
     ("presence.room_idle_ms", "30000"),
@@ -273,6 +290,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("history.retention_s", "2592000"),
     ("history.prune_interval_s", "600"),
     ("cluster.node_ttl_ms", "15000"),
+    ("cluster.tick_ms", "25"),
     ("cluster.node_id", "<hostname>:<port>"),
     ("bootstrap.admin_email", "admin@localhost"),
     ("bootstrap.admin_password", "generated and printed once"),
@@ -390,6 +408,22 @@ impl Settings {
             return Err(bad(
                 "history.retention_s",
                 "must be at least history.raw_retention_s",
+            ));
+        }
+        if self.cluster.node_ttl_ms < 500 {
+            return Err(bad("cluster.node_ttl_ms", "must be at least 500"));
+        }
+        if !(1..=1000).contains(&self.cluster.tick_ms) {
+            return Err(bad("cluster.tick_ms", "must be between 1 and 1000"));
+        }
+        let prefix = &self.redis.prefix;
+        if prefix.is_empty()
+            || prefix.len() > 64
+            || prefix.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(bad(
+                "redis.prefix",
+                "must be 1 to 64 printable characters without spaces",
             ));
         }
         if let Some(id) = &self.cluster.node_id {
@@ -531,6 +565,7 @@ impl Settings {
                 self.presence.arbiters
             },
             limits: self.limits.clone(),
+            cluster: presence_actors::cluster::Link::single(&self.node_id()),
         }
     }
 }
@@ -588,6 +623,7 @@ impl std::fmt::Debug for RedisSettings {
                 "url",
                 &self.url.as_deref().map(crate::store::redact_database_url),
             )
+            .field("prefix", &self.prefix)
             .finish()
     }
 }

@@ -2,6 +2,7 @@
 //! routes and the WebSocket transport, wired to the actor tree of `presence-actors` in `app`.
 pub mod app;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod dashboard;
 pub mod demo;

@@ -12,6 +12,7 @@ use bytestring::ByteString;
 use serde_json::{json, Map, Value};
 use tokio::sync::oneshot;
 
+use crate::cluster::{Change, NodeId, RemoteChanges, Remotes, Request, Scope};
 use crate::config::EngineConfig;
 use crate::fanout::{Fanout, Subscriber};
 use crate::messages::{AccountMembership, Crash, Leave, SessionAddr, ToSession};
@@ -91,9 +92,20 @@ pub struct Counts;
 
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct AccountCounts {
+    /// Users present anywhere in the cluster.
     pub users: usize,
+    /// Open connections on this node.
     pub connections: usize,
+    /// Connections present anywhere in the cluster (ghosts in their grace included).
+    pub cluster_connections: usize,
     pub followers: usize,
+}
+
+/// The node a session of this account is on (this node's name for a local one), if present.
+#[derive(Message)]
+#[rtype(result = "Option<NodeId>")]
+pub struct SessionNode {
+    pub session: SessionId,
 }
 
 pub struct AccountActor {
@@ -112,6 +124,9 @@ pub struct AccountActor {
     departed: HashMap<Key, i64>,
     /// Held for its `Drop`: tells the registry if this actor dies. Accounts never stop on purpose.
     _notice: DeathNotice,
+    scope: Scope,
+    /// Connections on other nodes, mirrored from their owners.
+    remotes: Remotes,
 }
 
 pub struct AccountSpec {
@@ -134,6 +149,10 @@ impl AccountActor {
             spec.gen,
         );
         AccountActor {
+            scope: Scope::Account {
+                account: spec.id.clone(),
+            },
+            remotes: Remotes::default(),
             topic: format!("account:{}", spec.id).into(),
             id: spec.id,
             presence: PresenceSet::new(),
@@ -146,6 +165,35 @@ impl AccountActor {
             recovery: spec.recovery,
             departed: HashMap::new(),
             _notice: notice,
+        }
+    }
+
+    /// Tells the cluster a local connection's meta and rooms (no-op on a single node).
+    fn publish_put(&self, user: &Key, session: SessionId) {
+        if !self.cfg.cluster.clustered() || self.remotes.is_remote(session) {
+            return;
+        }
+        if let Some(meta) = self.presence.meta_of(user, session) {
+            self.cfg.cluster.publish(
+                &self.scope,
+                Change::Put {
+                    user: user.clone(),
+                    meta: meta.clone(),
+                    rooms: self.rooms_of.get(&session).cloned().unwrap_or_default(),
+                },
+            );
+        }
+    }
+
+    fn publish_gone(&self, user: &Key, session: SessionId) {
+        if !self.remotes.is_remote(session) {
+            self.cfg.cluster.publish(
+                &self.scope,
+                Change::Gone {
+                    user: user.clone(),
+                    session,
+                },
+            );
         }
     }
 
@@ -214,8 +262,9 @@ impl AccountActor {
         ctx.run_later(Duration::from_millis(wait), |act, _| {
             let now = now_ms();
             let d = act.presence.expire(now);
-            for (_, m) in &d.leaves {
+            for (u, m) in &d.leaves {
                 act.rooms_of.remove(&m.session);
+                act.publish_gone(u, m.session);
             }
             let users: Vec<Key> = d.leaves.iter().map(|(k, _)| k.clone()).collect();
             act.emit(d);
@@ -236,9 +285,14 @@ impl AccountActor {
         if let Some(o) = v.as_object_mut() {
             o.insert("session_id".into(), Value::from(session.to_string()));
             o.insert("rooms".into(), json!(rooms));
+            let node = self.remotes.node_of(session);
             o.insert(
                 "connected".into(),
-                Value::from(self.live.contains_key(&session)),
+                Value::from(node.is_some() || self.live.contains_key(&session)),
+            );
+            o.insert(
+                "node".into(),
+                Value::from(&**node.unwrap_or(&self.cfg.cluster.node)),
             );
         }
         Some(v)
@@ -278,6 +332,9 @@ impl Actor for AccountActor {
                     }
                     let frame = act.state_frame();
                     act.followers.send(&frame, None, &act.topic, &act.metrics);
+                    // Connections on other nodes died with the old actor: the driver sends them
+                    // again.
+                    act.cfg.cluster.request(Request::Refill(act.scope.clone()));
                 },
             ));
         }
@@ -313,6 +370,10 @@ impl Handler<Connect> for AccountActor {
         if let Some(old) = out.replaced {
             self.rooms_of.remove(&old);
         }
+        self.publish_put(&msg.user, session);
+        if let Some(old) = out.replaced {
+            self.publish_gone(&msg.user, old);
+        }
         self.emit(out.diff);
         if replaced {
             self.emit_rooms(&msg.user);
@@ -334,6 +395,9 @@ impl Handler<Leave> for AccountActor {
             Departure::Grace { until } => self.schedule_expiry(ctx, until),
             Departure::Now => {
                 self.rooms_of.remove(&msg.session);
+                if !diff.is_empty() {
+                    self.publish_gone(&msg.user, msg.session);
+                }
             }
         }
         self.emit(diff);
@@ -351,6 +415,7 @@ impl Handler<RoomsChanged> for AccountActor {
             let user = user.clone();
             let before = self.user_rooms(&user);
             self.rooms_of.insert(msg.session, msg.rooms);
+            self.publish_put(&user, msg.session);
             if self.user_rooms(&user) != before {
                 self.emit_rooms(&user);
             }
@@ -373,6 +438,7 @@ impl Handler<ConnectionStatus> for AccountActor {
             None,
             self.ids.next_ref(),
         )?;
+        self.publish_put(&msg.user, msg.session);
         self.emit(diff);
         Some(meta.phx_ref)
     }
@@ -483,6 +549,7 @@ impl Handler<Counts> for AccountActor {
         MessageResult(AccountCounts {
             users: self.presence.keys(),
             connections: self.live.len(),
+            cluster_connections: self.presence.metas(),
             followers: self.followers.len(),
         })
     }
@@ -494,9 +561,11 @@ impl Handler<SnapshotAccount> for AccountActor {
     fn handle(&mut self, _: SnapshotAccount, _: &mut Context<Self>) -> Self::Result {
         MessageResult(AccountSnapshot {
             account: self.id.clone(),
+            // Only this node's own connections: other nodes persist theirs.
             connections: self
                 .presence
                 .entries()
+                .filter(|(_, m, _)| !self.remotes.is_remote(m.session))
                 .map(|(k, m, g)| (k.clone(), m.clone(), g))
                 .collect(),
             departed: self.departed.drain().collect(),
@@ -509,15 +578,72 @@ impl Handler<RestoreGhosts> for AccountActor {
     type Result = ();
 
     fn handle(&mut self, msg: RestoreGhosts, ctx: &mut Context<Self>) {
+        let mut restored = Vec::with_capacity(msg.ghosts.len());
         for (user, meta, until) in msg.ghosts {
+            restored.push((user.clone(), meta.session));
             self.presence.restore_ghost(&user, meta, until);
         }
         for (session, rooms) in msg.rooms {
             self.rooms_of.insert(session, rooms);
         }
+        for (user, session) in restored {
+            self.publish_put(&user, session);
+        }
         if let Some(until) = self.presence.next_expiry() {
             self.schedule_expiry(ctx, until);
         }
+    }
+}
+
+impl Handler<RemoteChanges> for AccountActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: RemoteChanges, _: &mut Context<Self>) {
+        // Rooms per user before, for the users this batch touches, to tell dashboards of moves
+        // (a resync's batch holds a whole node: no quadratic work, none without dashboards).
+        let mut touched: HashMap<Key, Vec<Arc<str>>> = HashMap::new();
+        if !self.followers.is_empty() {
+            for c in &msg.changes {
+                if let Change::Put { user, .. } | Change::Gone { user, .. } = c {
+                    if !touched.contains_key(user) {
+                        let before = self.user_rooms(user);
+                        touched.insert(user.clone(), before);
+                    }
+                }
+            }
+        }
+        let applied = self.remotes.apply(
+            &mut self.presence,
+            &msg.node,
+            msg.changes,
+            msg.reason.as_ref(),
+        );
+        for (_, session, rooms) in applied.rooms {
+            self.rooms_of.insert(session, rooms);
+        }
+        for (_, session) in &applied.gone {
+            self.rooms_of.remove(session);
+        }
+        self.emit(applied.diff);
+        for (user, before) in touched {
+            if self.user_rooms(&user) != before {
+                self.emit_rooms(&user);
+            }
+        }
+    }
+}
+
+impl Handler<SessionNode> for AccountActor {
+    type Result = Option<NodeId>;
+
+    fn handle(&mut self, msg: SessionNode, _: &mut Context<Self>) -> Option<NodeId> {
+        if let Some(n) = self.remotes.node_of(msg.session) {
+            return Some(n.clone());
+        }
+        self.presence
+            .entries()
+            .any(|(_, m, _)| m.session == msg.session)
+            .then(|| self.cfg.cluster.node.clone())
     }
 }
 

@@ -82,6 +82,8 @@ pub struct EngineConfig {
     /// Worker threads (arbiters) that rooms and accounts are spread over.
     pub arbiters: usize,
     pub limits: Limits,
+    /// This node's name and, in a cluster, where local changes go.
+    pub cluster: crate::cluster::Link,
 }
 
 impl Default for EngineConfig {
@@ -93,6 +95,7 @@ impl Default for EngineConfig {
             recovery_timeout_ms: 2_000,
             arbiters: 2,
             limits: Limits::default(),
+            cluster: crate::cluster::Link::default(),
         }
     }
 }

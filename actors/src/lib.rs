@@ -20,6 +20,7 @@
 //!   re-sends `presence_state` so clients reconcile with no leave for anyone still connected.
 pub mod account;
 pub mod client_presence;
+pub mod cluster;
 pub mod config;
 pub mod fanout;
 pub mod messages;

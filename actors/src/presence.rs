@@ -176,10 +176,25 @@ impl Diff {
     /// Metas grouped by key in first-seen order, as the wire wants them.
     fn grouped(items: &[(Key, Meta)]) -> Vec<(&Key, Vec<&Meta>)> {
         let mut out: Vec<(&Key, Vec<&Meta>)> = Vec::new();
+        // Most diffs carry one key; a cluster resync or a node going down carries thousands,
+        // so large ones are grouped through an index instead of a scan per meta.
+        if items.len() <= 8 {
+            for (k, m) in items {
+                match out.iter_mut().find(|(kk, _)| *kk == k) {
+                    Some((_, v)) => v.push(m),
+                    None => out.push((k, vec![m])),
+                }
+            }
+            return out;
+        }
+        let mut at: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
         for (k, m) in items {
-            match out.iter_mut().find(|(kk, _)| *kk == k) {
-                Some((_, v)) => v.push(m),
-                None => out.push((k, vec![m])),
+            match at.get(&**k) {
+                Some(&i) => out[i].1.push(m),
+                None => {
+                    at.insert(k, out.len());
+                    out.push((k, vec![m]));
+                }
             }
         }
         out
@@ -465,6 +480,48 @@ impl PresenceSet {
             },
             current,
         ))
+    }
+
+    /// Another node's entry, as its owner last published it. The owner decides everything (refs,
+    /// ghosts, reclaims); this set only mirrors it with the diff a client must see:
+    /// - the same session again with the same ref: nothing (a repeat, or a resync);
+    /// - the same session with a new ref: one update diff (join with `phx_ref_prev`, leave);
+    /// - a new session holding a ref this key already shows: the owner's reconnect took its
+    ///   ghost's place silently, so the entry is re-keyed to the new session, silently;
+    /// - otherwise a join.
+    ///
+    /// Remote entries are never ghosts here, so a local reconnect never reclaims them.
+    pub fn put_remote(&mut self, key: &Key, meta: Meta) -> Diff {
+        let mut diff = Diff::default();
+        let metas = self.entries.entry(key.clone()).or_default();
+        let found = metas
+            .iter()
+            .position(|e| e.meta.session == meta.session)
+            .or_else(|| metas.iter().position(|e| e.meta.phx_ref == meta.phx_ref));
+        let Some(i) = found else {
+            diff.joins.push((key.clone(), meta.clone()));
+            if metas.capacity() == 0 {
+                metas.reserve_exact(1);
+            }
+            metas.push(Entry {
+                meta,
+                ghost_until: None,
+            });
+            self.metas += 1;
+            return diff;
+        };
+        let e = &mut metas[i];
+        if e.ghost_until.take().is_some() {
+            self.ghosts -= 1;
+        }
+        if e.meta.phx_ref != meta.phx_ref {
+            let mut joined = meta.clone();
+            joined.phx_ref_prev = Some(e.meta.phx_ref);
+            diff.joins.push((key.clone(), joined));
+            diff.leaves.push((key.clone(), e.meta.clone()));
+        }
+        e.meta = meta;
+        diff
     }
 
     /// A session goes away from this topic.

@@ -12,6 +12,7 @@ use futures_util::future::join_all;
 use tokio::sync::oneshot;
 
 use crate::account::{AccountActor, AccountSpec};
+use crate::cluster::{Change, FromNode, RemoteChanges, Scope};
 use crate::config::EngineConfig;
 use crate::messages::{Crash, Report, ReportMembership, SessionAddr, ToSession};
 use crate::metrics::Metrics;
@@ -92,6 +93,13 @@ pub struct ResolveAccount {
     pub account: Arc<str>,
 }
 
+/// The account actor if it is live; never starts one.
+#[derive(Message)]
+#[rtype(result = "Option<Addr<AccountActor>>")]
+pub struct LookupAccount {
+    pub account: Arc<str>,
+}
+
 /// The live rooms of an account.
 #[derive(Message)]
 #[rtype(result = "Vec<(Arc<str>, Addr<RoomActor>)>")]
@@ -106,6 +114,8 @@ pub struct RoomIdle {
     pub account: Arc<str>,
     pub room: Arc<str>,
     pub gen: u64,
+    /// Batches of remote changes the room has handled (see `Slot::routed`).
+    pub remote_seen: u64,
 }
 
 /// Disconnect one session (an admin's kick). `account` scopes it: another account's session is
@@ -145,6 +155,9 @@ pub struct RegistryStats {
 struct Slot<A: Actor> {
     addr: Addr<A>,
     gen: u64,
+    /// Batches of remote changes sent to this actor: a room that has not seen them all is not
+    /// idle, whatever it looked like when it asked.
+    routed: u64,
 }
 
 struct SessionEntry {
@@ -230,6 +243,7 @@ impl Registry {
             Slot {
                 addr: addr.clone(),
                 gen,
+                routed: 0,
             },
         );
         addr
@@ -266,6 +280,7 @@ impl Registry {
             Slot {
                 addr: addr.clone(),
                 gen,
+                routed: 0,
             },
         );
         addr
@@ -447,6 +462,17 @@ impl Handler<LookupRoom> for Registry {
     }
 }
 
+impl Handler<LookupAccount> for Registry {
+    type Result = Option<Addr<AccountActor>>;
+
+    fn handle(&mut self, msg: LookupAccount, _: &mut Context<Self>) -> Self::Result {
+        self.accounts
+            .get(&msg.account)
+            .filter(|s| s.addr.connected())
+            .map(|s| s.addr.clone())
+    }
+}
+
 impl Handler<ResolveAccount> for Registry {
     type Result = Result<Addr<AccountActor>, Reason>;
 
@@ -479,7 +505,7 @@ impl Handler<RoomIdle> for Registry {
     fn handle(&mut self, msg: RoomIdle, _: &mut Context<Self>) -> bool {
         let key = (msg.account.clone(), msg.room);
         match self.rooms.get(&key) {
-            Some(slot) if slot.gen == msg.gen => {
+            Some(slot) if slot.gen == msg.gen && slot.routed == msg.remote_seen => {
                 self.rooms.remove(&key);
                 if let Some(n) = self.rooms_per_account.get_mut(&msg.account) {
                     *n = n.saturating_sub(1);
@@ -545,6 +571,65 @@ impl Handler<ActorDown> for Registry {
                     },
                     tx,
                 );
+            }
+        }
+    }
+}
+
+impl Handler<FromNode> for Registry {
+    type Result = ();
+
+    /// Routes another node's changes to the rooms and accounts they concern, in order, one
+    /// message per actor. A room that nobody on this node is in is started to mirror them
+    /// (limits were checked by the owner); a room is never started for removals alone.
+    fn handle(&mut self, msg: FromNode, ctx: &mut Context<Self>) {
+        if self.shutting_down {
+            return;
+        }
+        let mut order: Vec<Scope> = Vec::new();
+        let mut by_scope: HashMap<Scope, Vec<Change>> = HashMap::new();
+        for (scope, change) in msg.changes {
+            let list = by_scope.entry(scope.clone()).or_insert_with(|| {
+                order.push(scope);
+                Vec::new()
+            });
+            list.push(change);
+        }
+        for scope in order {
+            let Some(changes) = by_scope.remove(&scope) else {
+                continue;
+            };
+            let batch = RemoteChanges {
+                node: msg.node.clone(),
+                changes,
+                reason: msg.reason.clone(),
+            };
+            match scope {
+                Scope::Account { account } => {
+                    let addr = self.ensure_account(&account, ctx.address());
+                    addr.do_send(batch);
+                }
+                Scope::Room { account, room } => {
+                    let key = (account.clone(), room.clone());
+                    let live = self.rooms.get(&key).is_some_and(|s| s.addr.connected());
+                    let puts = batch
+                        .changes
+                        .iter()
+                        .any(|c| matches!(c, Change::Put { .. }));
+                    if !live {
+                        if !puts {
+                            continue;
+                        }
+                        if !self.rooms.contains_key(&key) {
+                            *self.rooms_per_account.entry(account.clone()).or_default() += 1;
+                        }
+                        self.start_room(&account, &room, ctx.address(), None);
+                    }
+                    if let Some(slot) = self.rooms.get_mut(&key) {
+                        slot.routed += 1;
+                        slot.addr.do_send(batch);
+                    }
+                }
             }
         }
     }

@@ -14,6 +14,7 @@ use bytestring::ByteString;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
+use crate::cluster::{Change, RemoteChanges, Remotes, Request, Scope};
 use crate::config::EngineConfig;
 use crate::fanout::{Fanout, Subscriber};
 use crate::messages::{
@@ -44,6 +45,13 @@ pub struct RoomActor {
     /// Earliest deadline of ghosts made while fanning out (slow consumers), to schedule.
     expiry_due: Option<i64>,
     notice: DeathNotice,
+    /// This room as the cluster names it.
+    scope: Scope,
+    /// Members on other nodes, mirrored from their owners.
+    remotes: Remotes,
+    /// Batches of remote changes handled, so the registry never lets the room stop with one
+    /// still on its way.
+    remote_seen: u64,
 }
 
 /// Everything a room needs at birth.
@@ -70,6 +78,12 @@ impl RoomActor {
             spec.gen,
         );
         RoomActor {
+            scope: Scope::Room {
+                account: spec.account.clone(),
+                room: spec.name.clone(),
+            },
+            remotes: Remotes::default(),
+            remote_seen: 0,
             account: spec.account,
             name: spec.name,
             topic,
@@ -83,6 +97,41 @@ impl RoomActor {
             idle_timer: None,
             expiry_due: None,
             notice,
+        }
+    }
+
+    /// Tells the cluster a local entry's current meta (no-op on a single node).
+    fn publish_put(&self, user: &crate::presence::Key, session: crate::presence::SessionId) {
+        if !self.cfg.cluster.clustered() {
+            return;
+        }
+        if let Some(meta) = self.presence.meta_of(user, session) {
+            self.cfg.cluster.publish(
+                &self.scope,
+                Change::Put {
+                    user: user.clone(),
+                    meta: meta.clone(),
+                    rooms: Vec::new(),
+                },
+            );
+        }
+    }
+
+    /// Tells the cluster that the local entries among `diff`'s leaves are gone.
+    fn publish_gone(&self, diff: &Diff) {
+        if !self.cfg.cluster.clustered() {
+            return;
+        }
+        for (user, m) in &diff.leaves {
+            if !self.remotes.is_remote(m.session) {
+                self.cfg.cluster.publish(
+                    &self.scope,
+                    Change::Gone {
+                        user: user.clone(),
+                        session: m.session,
+                    },
+                );
+            }
         }
     }
 
@@ -110,6 +159,22 @@ impl RoomActor {
         }
     }
 
+    /// Sends a non-presence frame (a broadcast) to every member but `except`; members that
+    /// cannot take it are cut off as slow consumers and leave with grace.
+    fn relay(&mut self, frame: &ByteString, except: Option<crate::presence::SessionId>) {
+        let dropped = self.subs.send(frame, except, &self.topic, &self.metrics);
+        let until = now_ms() + self.cfg.grace_ms as i64;
+        let mut diff = Diff::default();
+        for d in dropped.into_iter().filter(|d| d.slow) {
+            diff.merge(
+                self.presence
+                    .leave(&d.user, d.session, Departure::Grace { until }),
+            );
+            self.expiry_due = Some(self.expiry_due.map_or(until, |t| t.min(until)));
+        }
+        self.emit(diff, None);
+    }
+
     /// Schedules the expiry of ghosts that a fan-out left behind.
     fn arm_expiry(&mut self, ctx: &mut Context<Self>) {
         if let Some(until) = self.expiry_due.take() {
@@ -127,6 +192,7 @@ impl RoomActor {
         ctx.run_later(Duration::from_millis(wait), |act, ctx| {
             let d = act.presence.expire(now_ms());
             act.metrics.leaves.inc_by(d.leaves.len() as u64);
+            act.publish_gone(&d);
             act.emit(d, None);
             act.arm_expiry(ctx);
             act.check_idle(ctx);
@@ -152,6 +218,7 @@ impl RoomActor {
                 account: act.account.clone(),
                 room: act.name.clone(),
                 gen: act.notice.gen(),
+                remote_seen: act.remote_seen,
             });
             // `wait` pauses the mailbox: no join can slip in between the registry's yes and
             // the stop. Joins queued meanwhile fail with Closed and are retried by sessions.
@@ -203,6 +270,8 @@ impl Actor for RoomActor {
                     let frame =
                         protocol::broadcast(&act.topic, "presence_state", &act.presence.state());
                     act.subs.send(&frame, None, &act.topic, &act.metrics);
+                    // Members on other nodes died with the old actor: the driver sends them again.
+                    act.cfg.cluster.request(Request::Refill(act.scope.clone()));
                     act.check_idle(ctx);
                 },
             ));
@@ -233,6 +302,16 @@ impl Handler<Join> for RoomActor {
             .presence
             .join(&msg.user, msg.arrival, self.ids.next_ref());
         self.metrics.joins.inc();
+        self.publish_put(&msg.user, session);
+        if let Some(old) = out.replaced {
+            self.cfg.cluster.publish(
+                &self.scope,
+                Change::Gone {
+                    user: msg.user.clone(),
+                    session: old,
+                },
+            );
+        }
         self.subs.insert(
             session,
             Subscriber {
@@ -260,6 +339,7 @@ impl Handler<Leave> for RoomActor {
             Departure::Grace { until } => self.schedule_expiry(ctx, until),
             Departure::Now => self.metrics.leaves.inc_by(diff.leaves.len() as u64),
         }
+        self.publish_gone(&diff);
         self.emit(diff, None);
         self.arm_expiry(ctx);
         self.check_idle(ctx);
@@ -284,6 +364,7 @@ impl Handler<SetStatus> for RoomActor {
             )
             .ok_or(Reason::NotJoined)?;
         self.metrics.updates.inc();
+        self.publish_put(&msg.user, msg.session);
         self.emit(diff, None);
         self.arm_expiry(ctx);
         Ok(meta.phx_ref)
@@ -299,18 +380,17 @@ impl Handler<Broadcast> for RoomActor {
         }
         self.metrics.broadcasts.inc();
         let frame = protocol::broadcast(&self.topic, &msg.event, &msg.payload);
-        let except = (!msg.include_self).then_some(msg.from);
-        let dropped = self.subs.send(&frame, except, &self.topic, &self.metrics);
-        let until = now_ms() + self.cfg.grace_ms as i64;
-        let mut diff = Diff::default();
-        for d in dropped.into_iter().filter(|d| d.slow) {
-            diff.merge(
-                self.presence
-                    .leave(&d.user, d.session, Departure::Grace { until }),
+        if self.cfg.cluster.clustered() {
+            self.cfg.cluster.publish(
+                &self.scope,
+                Change::Cast {
+                    event: msg.event.as_str().into(),
+                    payload: Arc::new(msg.payload),
+                },
             );
-            self.expiry_due = Some(until);
         }
-        self.emit(diff, None);
+        let except = (!msg.include_self).then_some(msg.from);
+        self.relay(&frame, except);
         self.arm_expiry(ctx);
         Ok(())
     }
@@ -331,7 +411,17 @@ impl Handler<HereNow> for RoomActor {
         for (k, metas) in page {
             let metas: Vec<Value> = metas
                 .into_iter()
-                .map(|m| serde_json::to_value(m).unwrap_or(Value::Null))
+                .map(|m| {
+                    let mut v = serde_json::to_value(m).unwrap_or(Value::Null);
+                    if let Some(o) = v.as_object_mut() {
+                        let node = self
+                            .remotes
+                            .node_of(m.session)
+                            .unwrap_or(&self.cfg.cluster.node);
+                        o.insert("node".into(), Value::from(&**node));
+                    }
+                    v
+                })
                 .collect();
             presences.insert(k.to_string(), serde_json::json!({ "metas": metas }));
         }
@@ -365,9 +455,11 @@ impl Handler<SnapshotRoom> for RoomActor {
         MessageResult(RoomSnapshot {
             account: self.account.clone(),
             room: self.name.clone(),
+            // Only this node's own entries: other nodes persist theirs.
             members: self
                 .presence
                 .entries()
+                .filter(|(_, m, _)| !self.remotes.is_remote(m.session))
                 .map(|(k, m, g)| (k.clone(), m.clone(), g))
                 .collect(),
         })
@@ -379,11 +471,35 @@ impl Handler<RestoreGhosts> for RoomActor {
 
     fn handle(&mut self, msg: RestoreGhosts, ctx: &mut Context<Self>) {
         for (user, meta, until) in msg.ghosts {
+            let session = meta.session;
             self.presence.restore_ghost(&user, meta, until);
+            self.publish_put(&user, session);
         }
         if let Some(until) = self.presence.next_expiry() {
             self.schedule_expiry(ctx, until);
         }
+        self.check_idle(ctx);
+    }
+}
+
+impl Handler<RemoteChanges> for RoomActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: RemoteChanges, ctx: &mut Context<Self>) {
+        self.remote_seen += 1;
+        let applied = self.remotes.apply(
+            &mut self.presence,
+            &msg.node,
+            msg.changes,
+            msg.reason.as_ref(),
+        );
+        self.metrics.leaves.inc_by(applied.diff.leaves.len() as u64);
+        self.emit(applied.diff, None);
+        for (event, payload) in applied.casts {
+            let frame = protocol::broadcast(&self.topic, &event, &*payload);
+            self.relay(&frame, None);
+        }
+        self.arm_expiry(ctx);
         self.check_idle(ctx);
     }
 }

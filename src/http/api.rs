@@ -8,10 +8,12 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use presence_actors::account::{AccountHereNow, Counts, WhereNow};
+use presence_actors::account::{AccountHereNow, Counts, SessionNode, WhereNow};
 use presence_actors::messages::HereNow;
 use presence_actors::presence::SessionId;
-use presence_actors::registry::{KickSession, ListRooms, LookupRoom, ResolveAccount};
+use presence_actors::registry::{
+    KickSession, ListRooms, LookupAccount, LookupRoom, ResolveAccount,
+};
 use presence_actors::room::Occupancy;
 use presence_actors::{now_ms, protocol};
 
@@ -65,8 +67,12 @@ pub async fn readyz(state: Data) -> HttpResponse {
         Err(_) => json!({ "status": "down", "error": "blocking pool unavailable" }),
     };
     db["snapshots"] = state.persistence.health.json();
-    let up = db["status"] == "up";
-    let body = json!({ "status": if up { "ready" } else { "not_ready" }, "node": state.node, "database": db });
+    let redis = state.cluster.as_ref().map(|c| c.status.json());
+    let up = db["status"] == "up" && state.cluster.as_ref().is_none_or(|c| c.status.is_up());
+    let mut body = json!({ "status": if up { "ready" } else { "not_ready" }, "node": state.node, "database": db });
+    if let Some(r) = redis {
+        body["redis"] = r;
+    }
     if up {
         HttpResponse::Ok().json(body)
     } else {
@@ -647,7 +653,32 @@ pub async fn kick_session(
         .await
         .map_err(|_| ApiError::unavailable("registry unavailable"))?;
     if !kicked {
-        return Err(ApiError::not_found("session"));
+        // In a cluster the session may live on another node: its owner closes it.
+        let remote = match &state.cluster {
+            Some(cluster) => {
+                let owner = match state
+                    .registry
+                    .send(LookupAccount {
+                        account: id.clone().into(),
+                    })
+                    .await
+                {
+                    Ok(Some(addr)) => addr.send(SessionNode { session: sid }).await.ok().flatten(),
+                    _ => None,
+                };
+                match owner {
+                    Some(node) if *node != *cluster.status.node => {
+                        cluster.kick(node, &id, sid);
+                        true
+                    }
+                    _ => false,
+                }
+            }
+            None => false,
+        };
+        if !remote {
+            return Err(ApiError::not_found("session"));
+        }
     }
     audit(
         &state,

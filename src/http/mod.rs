@@ -43,6 +43,8 @@ pub struct AppState {
     pub rate: Arc<crate::limits::RateLimits>,
     /// Dashboard users as access tokens are checked against (deleted, disabled, role).
     pub users: admin::UserCache,
+    /// Present when the node is part of a Redis cluster.
+    pub cluster: Option<crate::cluster::Cluster>,
 }
 
 impl AppState {

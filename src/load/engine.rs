@@ -29,6 +29,10 @@ use crate::demo::Limiter;
 const TOKEN_TTL_S: u64 = 24 * 3600;
 /// The key of the send timestamp (unix µs) in a meta or a broadcast payload.
 pub const STAMP: &str = "_lt";
+/// Against a cluster: the index (in `--url`) of the node the change was made on, just before the
+/// stamp (keys are sorted), so receivers can tell same-node from cross-node deliveries.
+pub const NODE: &str = "_ln";
+const NODE_PAT: &[u8] = b"\"_ln\":";
 const STAMP_PAT: &[u8] = b"\"_lt\":";
 const STATUSES: [&str; 3] = ["online", "away", "busy"];
 
@@ -74,6 +78,10 @@ struct Counters {
     steady_since: Option<u64>,
     ramp_hist: Histogram<u64>,
     hist: Histogram<u64>,
+    /// Measured phase, cluster runs only: deliveries made on the node the change was made on,
+    /// and on another node.
+    same_node_hist: Histogram<u64>,
+    cross_node_hist: Histogram<u64>,
     second: Histogram<u64>,
     connect_hist: Histogram<u64>,
     ramp_deliveries: u64,
@@ -94,9 +102,16 @@ impl Counters {
         *self.errors.entry(why.into()).or_default() += 1;
     }
 
-    fn delivered(&mut self, stamp: u64, us: u64) {
+    fn delivered(&mut self, stamp: u64, us: u64, cross: Option<bool>) {
         // Stamped before the measured phase: a late delivery of a ramp join.
         let late = self.steady_since.is_some_and(|t| stamp < t);
+        if self.steady_since.is_some_and(|t| stamp >= t) {
+            match cross {
+                Some(true) => stats::record(&mut self.cross_node_hist, us),
+                Some(false) => stats::record(&mut self.same_node_hist, us),
+                None => {}
+            }
+        }
         if !late {
             stats::record(&mut self.second, us);
         }
@@ -117,8 +132,8 @@ impl Counters {
 }
 
 struct Shared {
-    target: SocketAddr,
-    host: String,
+    /// Each node's address and `Host`; session `g` goes to `targets[g % len]`.
+    targets: Vec<(SocketAddr, String)>,
     path: String,
     account_id: String,
     secret: String,
@@ -179,7 +194,8 @@ async fn connect_once(sh: &Shared, g: usize, src: Option<IpAddr>) -> Result<Ws, 
         sock.bind(SocketAddr::new(ip, 0))
             .map_err(|e| ConnectErr::Failed(format!("bind {ip}: {}", e.kind())))?;
     }
-    let tcp = sock.connect(sh.target).await.map_err(failed)?;
+    let (target, host) = &sh.targets[g % sh.targets.len()];
+    let tcp = sock.connect(*target).await.map_err(failed)?;
     let _ = tcp.set_nodelay(true);
     let token = crate::auth::mint_user_token(
         &sh.secret,
@@ -189,7 +205,7 @@ async fn connect_once(sh: &Shared, g: usize, src: Option<IpAddr>) -> Result<Ws, 
         Some(&format!("Load {g}")),
         Some(json!({ "device": "load" })),
     );
-    let url = format!("ws://{}{}?vsn=2.0.0&token={token}", sh.host, sh.path);
+    let url = format!("ws://{host}{}?vsn=2.0.0&token={token}", sh.path);
     match tokio_tungstenite::client_async_with_config(url, tcp, Some(ws_config())).await {
         Ok((ws, _)) => Ok(ws),
         Err(tungstenite::Error::Http(res)) if res.status().as_u16() == 429 => {
@@ -235,7 +251,8 @@ fn reason_of(text: &str) -> String {
 }
 
 /// Records every timestamp in the `joins` of a presence diff, or in a broadcast payload.
-fn scan(text: &[u8], c: &mut Counters) {
+/// `here`: against a cluster, the node this receiver is on.
+fn scan(text: &[u8], c: &mut Counters, here: Option<usize>) {
     c.frames += 1;
     // Pushes to every member carry no refs: `[null,null,"room:…","<event>",…`.
     let Some(rest) = text.strip_prefix(b"[null,null,\"") else {
@@ -268,7 +285,21 @@ fn scan(text: &[u8], c: &mut Counters) {
             .ok()
             .and_then(|s| s.parse::<u64>().ok())
         {
-            c.delivered(t, now.saturating_sub(t));
+            // `"_ln":<node>,` right before the stamp names the node the change came from.
+            let head = &body[..at + i];
+            let from = head
+                .strip_suffix(b",")
+                .and_then(|h| {
+                    let digits = h.iter().rev().take_while(|b| b.is_ascii_digit()).count();
+                    let (h, d) = h.split_at(h.len() - digits);
+                    h.ends_with(NODE_PAT).then_some(d)
+                })
+                .and_then(|d| std::str::from_utf8(d).ok()?.parse::<usize>().ok());
+            let cross = match (here, from) {
+                (Some(h), Some(f)) => Some(h != f),
+                _ => None,
+            };
+            c.delivered(t, now.saturating_sub(t), cross);
         }
         at = start + digits;
     }
@@ -280,6 +311,8 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 struct Session {
     g: usize,
+    /// Against a cluster: the index of the node this session is on.
+    node: Option<usize>,
     room: String,
     next_ref: u64,
     join_ref: String,
@@ -307,7 +340,10 @@ impl Session {
     }
 
     fn meta(&self) -> Value {
-        json!({ STAMP: stats::now_us(), "device": "load" })
+        match self.node {
+            Some(n) => json!({ NODE: n, STAMP: stats::now_us(), "device": "load" }),
+            None => json!({ STAMP: stats::now_us(), "device": "load" }),
+        }
     }
 
     async fn join(&mut self, ws: &mut Ws) -> Result<u64, String> {
@@ -344,7 +380,11 @@ impl Session {
             Cmd::Broadcast => {
                 let r = self.take_ref();
                 self.pending.push((r, "broadcast"));
-                let p = json!({ "event": "load", "payload": { STAMP: stats::now_us() } });
+                let payload = match self.node {
+                    Some(n) => json!({ NODE: n, STAMP: stats::now_us() }),
+                    None => json!({ STAMP: stats::now_us() }),
+                };
+                let p = json!({ "event": "load", "payload": payload });
                 send(ws, frame(Some(&self.join_ref), r, &topic, "broadcast", &p)).await
             }
             Cmd::Heartbeat => {
@@ -418,8 +458,10 @@ enum End {
 }
 
 async fn session(sh: Rc<Shared>, g: usize, room: String, mut cmds: mpsc::UnboundedReceiver<Cmd>) {
+    let nodes = sh.targets.len();
     let mut s = Session {
         g,
+        node: (nodes > 1).then_some(g % nodes),
         room,
         next_ref: 0,
         join_ref: String::new(),
@@ -505,7 +547,7 @@ async fn drive(
             msg = ws.next() => match msg {
                 Some(Ok(Message::Text(t))) => {
                     if t.as_str().starts_with("[null,null,") {
-                        scan(t.as_bytes(), &mut sh.counters.borrow_mut());
+                        scan(t.as_bytes(), &mut sh.counters.borrow_mut(), s.node);
                     } else {
                         sh.counters.borrow_mut().frames += 1;
                         s.answer(sh, t.as_str());
@@ -559,15 +601,24 @@ pub async fn run(
     let fatal = |why: String| {
         let _ = out.send(Event::Fatal { worker, why });
     };
-    let (target, host, path) = match endpoint(&o.url).await {
-        Ok(t) => t,
-        Err(e) => return fatal(e),
-    };
+    let mut targets = Vec::new();
+    let mut path = String::new();
+    for url in o.urls() {
+        match endpoint(url).await {
+            Ok((t, h, p)) => {
+                targets.push((t, h));
+                path = p;
+            }
+            Err(e) => return fatal(e),
+        }
+    }
+    if targets.is_empty() {
+        return fatal("--url names no node".into());
+    }
     let (reports_tx, mut reports) = mpsc::unbounded_channel();
     let rate = share.part(o.rate).max(1.0).ceil() as u32;
     let sh = Rc::new(Shared {
-        target,
-        host,
+        targets,
         path,
         account_id: share.account_id.clone(),
         secret: share.secret.clone(),
@@ -577,6 +628,8 @@ pub async fn run(
             steady_since: None,
             ramp_hist: stats::histogram(),
             hist: stats::histogram(),
+            same_node_hist: stats::histogram(),
+            cross_node_hist: stats::histogram(),
             second: stats::small_histogram(),
             connect_hist: stats::histogram(),
             ramp_deliveries: 0,
@@ -758,6 +811,8 @@ pub async fn run(
         errors: c.errors.clone(),
         ramp_hist: stats::encode(&c.ramp_hist),
         hist: stats::encode(&c.hist),
+        same_node_hist: stats::encode(&c.same_node_hist),
+        cross_node_hist: stats::encode(&c.cross_node_hist),
         connect_hist: stats::encode(&c.connect_hist),
         last: c
             .last
@@ -825,6 +880,8 @@ mod tests {
             steady_since: None,
             ramp_hist: stats::histogram(),
             hist: stats::histogram(),
+            same_node_hist: stats::histogram(),
+            cross_node_hist: stats::histogram(),
             second: stats::small_histogram(),
             connect_hist: stats::histogram(),
             ramp_deliveries: 0,
@@ -849,15 +906,15 @@ mod tests {
         let diff = format!(
             r#"[null,null,"room:a","presence_diff",{{"joins":{{"u1":{{"metas":[{{"_lt":{t},"status":"away"}}]}}}},"leaves":{{"u1":{{"metas":[{{"_lt":5,"status":"online"}}]}}}}}}]"#
         );
-        scan(diff.as_bytes(), &mut c);
+        scan(diff.as_bytes(), &mut c, None);
         assert_eq!((c.deliveries, c.ramp_deliveries), (1, 0));
         let state = format!(
             r#"[null,null,"room:a","presence_state",{{"u1":{{"metas":[{{"_lt":{t}}}]}}}}]"#
         );
-        scan(state.as_bytes(), &mut c);
+        scan(state.as_bytes(), &mut c, None);
         assert_eq!(c.deliveries, 1, "presence_state is not a delivery");
         let b = format!(r#"[null,null,"room:a","load",{{"_lt":{t}}}]"#);
-        scan(b.as_bytes(), &mut c);
+        scan(b.as_bytes(), &mut c, None);
         assert_eq!(c.deliveries, 2);
         assert_eq!(
             c.last.as_ref().unwrap()[&t].1,
@@ -866,8 +923,29 @@ mod tests {
         );
         // A stamp from before the measured phase is a late ramp delivery.
         let old = r#"[null,null,"room:a","presence_diff",{"joins":{"u2":{"metas":[{"_lt":7}]}},"leaves":{}}]"#;
-        scan(old.as_bytes(), &mut c);
+        scan(old.as_bytes(), &mut c, None);
         assert_eq!((c.deliveries, c.ramp_deliveries), (2, 1));
         assert_eq!(c.frames, 4);
+    }
+
+    #[test]
+    fn against_a_cluster_each_delivery_is_same_node_or_cross_node() {
+        let mut c = counters();
+        let t = stats::now_us();
+        c.steady_since = Some(t - 10);
+        let from = |n: usize| {
+            format!(
+                r#"[null,null,"room:a","presence_diff",{{"joins":{{"u1":{{"metas":[{{"_ln":{n},"_lt":{t},"device":"load"}}]}}}},"leaves":{{}}}}]"#
+            )
+        };
+        scan(from(0).as_bytes(), &mut c, Some(0));
+        scan(from(2).as_bytes(), &mut c, Some(0));
+        scan(from(12).as_bytes(), &mut c, Some(0));
+        assert_eq!(c.same_node_hist.len(), 1);
+        assert_eq!(c.cross_node_hist.len(), 2);
+        // A single node: no split.
+        scan(from(0).as_bytes(), &mut c, None);
+        assert_eq!(c.same_node_hist.len() + c.cross_node_hist.len(), 3);
+        assert_eq!(c.deliveries, 4);
     }
 }

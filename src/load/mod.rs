@@ -101,6 +101,22 @@ pub struct LoadOptions {
     pub exe: Option<PathBuf>,
 }
 
+impl LoadOptions {
+    /// The node used for setup (login, account) and `/metrics`: the first of `--url`.
+    pub fn first_url(&self) -> &str {
+        self.url.split(',').next().unwrap_or("").trim()
+    }
+
+    /// Every node of `--url`.
+    pub fn urls(&self) -> Vec<&str> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect()
+    }
+}
+
 impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
@@ -156,7 +172,8 @@ SCENARIOS:\n\
 Every change carries its send time (unix µs) as `{STAMP}` in the meta or broadcast payload; every\n\
 member that sees it records the delay in an HDR histogram (join-to-visible latency).\n\n\
 OPTIONS (default):\n\
-\x20 --url URL           the node (http://127.0.0.1:4000)\n\
+\x20 --url URL[,URL…]   the node (http://127.0.0.1:4000); several nodes of a cluster, comma-\n\
+\x20                     separated, spread the sessions round-robin (setup uses the first)\n\
 \x20 --password PW       the admin's password (or PRESENCED_LOAD_PASSWORD)\n\
 \x20 --email EMAIL       the admin (admin@localhost)\n\
 \x20 --account NAME      the sessions' account, created on plan enterprise (Load)\n\
@@ -425,7 +442,7 @@ async fn rss(o: &LoadOptions) -> Option<(u64, String)> {
             .ok()?;
         return Some((kb * 1024, format!("/proc/{pid}/status VmRSS")));
     }
-    let base = demo::base_url(&o.url).ok()?;
+    let base = demo::base_url(o.first_url()).ok()?;
     let client = awc::Client::builder()
         .timeout(Duration::from_secs(10))
         .finish();
@@ -464,7 +481,7 @@ pub async fn run(o: LoadOptions) -> Result<Summary, LoadError> {
         return run_demo(o).await;
     }
     let demo_opts = DemoOptions {
-        url: o.url.clone(),
+        url: o.first_url().to_string(),
         email: o.email.clone(),
         password: o.password.clone(),
         account: o.account.clone(),
@@ -722,7 +739,7 @@ fn progress_line(
 /// timestamps).
 async fn run_demo(o: LoadOptions) -> Result<Summary, LoadError> {
     let opts = DemoOptions {
-        url: o.url.clone(),
+        url: o.first_url().to_string(),
         email: o.email.clone(),
         password: o.password.clone(),
         account: o.account.clone(),

@@ -101,6 +101,12 @@ pub struct Summary {
     /// fanout/broadcast: per change, the delay of its last delivery (over every member of
     /// every worker); `count` is the number of changes.
     pub last_delivery: Option<Latency>,
+    /// Cluster runs (several `--url`s): measured-phase latency of deliveries on the node the
+    /// change was made on, and on the other nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub same_node_latency: Option<Latency>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cross_node_latency: Option<Latency>,
     /// fanout/broadcast: members that saw a change, on average.
     pub receivers_per_change: Option<f64>,
     pub frames: u64,
@@ -162,6 +168,9 @@ pub(super) fn summarize(
     let mut ramp_h = merged(finals, |t| &t.ramp_hist);
     let steady_h = merged(finals, |t| &t.hist);
     let connect_h = merged(finals, |t| &t.connect_hist);
+    let same_h = merged(finals, |t| &t.same_node_hist);
+    let cross_h = merged(finals, |t| &t.cross_node_hist);
+    let some = |h: &Histogram<u64>| (!h.is_empty()).then(|| Latency::of(h));
     let sum = |f: fn(&Totals) -> u64| finals.iter().map(f).sum::<u64>();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     for t in finals {
@@ -254,6 +263,8 @@ pub(super) fn summarize(
         ramp_latency: Latency::of(&ramp_h),
         steady_latency: Latency::of(if steady_phase { &steady_h } else { &empty }),
         last_delivery,
+        same_node_latency: some(&same_h),
+        cross_node_latency: some(&cross_h),
         receivers_per_change,
         frames: sum(|t| t.frames),
         client_cpu_s: finals.iter().map(|t| t.cpu_s).sum(),
@@ -323,6 +334,20 @@ impl Summary {
                 l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms, l.count
             ),
         );
+        for (name, l) in [
+            ("  on the change's node", &self.same_node_latency),
+            ("  on another node", &self.cross_node_latency),
+        ] {
+            if let Some(l) = l {
+                row(
+                    name,
+                    format!(
+                        "p50 {:.2} · p90 {:.2} · p99 {:.2} · max {:.2} ms (n = {})",
+                        l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms, l.count
+                    ),
+                );
+            }
+        }
         if let (Some(l), Some(n)) = (&self.last_delivery, self.receivers_per_change) {
             row(
                 "last delivery per change",

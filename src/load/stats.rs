@@ -108,6 +108,11 @@ pub struct Totals {
     /// Delivery delays during the ramp (joins of others) and during the measured phase.
     pub ramp_hist: String,
     pub hist: String,
+    /// Cluster runs: the measured phase's deliveries on the change's own node, and on others.
+    #[serde(default)]
+    pub same_node_hist: String,
+    #[serde(default)]
+    pub cross_node_hist: String,
     /// Connect + join latency of each session's first connection.
     pub connect_hist: String,
     /// fanout/broadcast, measured phase: per change (its stamp), the longest delay seen here

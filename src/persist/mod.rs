@@ -290,6 +290,9 @@ pub struct PersistConfig {
     pub retry_max: Duration,
     pub prune_every: Duration,
     pub grace_ms: i64,
+    /// Restore this node's last snapshot at start-up (off when the cluster restored a fresher
+    /// state from Redis).
+    pub restore: bool,
 }
 
 impl PersistConfig {
@@ -312,6 +315,7 @@ impl PersistConfig {
             retry_max: Duration::from_millis(s.snapshot.retry_max_ms.max(s.snapshot.interval_ms)),
             prune_every: Duration::from_secs(h.prune_interval_s),
             grace_ms: s.presence.grace_ms as i64,
+            restore: true,
         }
     }
 }
@@ -356,7 +360,12 @@ impl Persistence {
                 }
             })
             .collect();
-        if !sessions.is_empty() {
+        if !sessions.is_empty() && !cfg.restore {
+            log::info!(
+                "restore: node {node}'s {} snapshot session(s) not restored: the cluster restored a fresher state",
+                sessions.len()
+            );
+        } else if !sessions.is_empty() {
             let n = sessions.len();
             match registry.send(Restore { sessions }).await {
                 Ok((ghosts, rooms)) => log::info!(

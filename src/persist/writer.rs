@@ -612,7 +612,8 @@ mod tests {
         assert_eq!(session, 7);
         assert_eq!(held.fingerprint, view.fingerprint());
         assert_eq!(held.places, view.places());
-        assert_eq!(&*held.places, &["".into(), "alpha".into(), "zeta".into()]);
+        let want: [Box<str>; 3] = ["".into(), "alpha".into(), "zeta".into()];
+        assert_eq!(&*held.places, &want);
         let rooms: Vec<RoomEntry> = serde_json::from_str(&row.rooms).unwrap();
         assert_eq!(rooms[0].room, "alpha");
         assert_eq!(rooms[0].ghost_until, Some(9_000));

@@ -2,7 +2,9 @@
 //! millisecond timings; `WsClient` is a real WebSocket client speaking Phoenix V2 frames.
 
 use std::collections::VecDeque;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use actix_web::rt::time::timeout;
 use awc::ws;
@@ -380,4 +382,152 @@ pub fn joins_of(v: &Value) -> Vec<String> {
         .as_object()
         .map(|o| o.keys().cloned().collect())
         .unwrap_or_default()
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, for at most `WAIT`.
+pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A TCP proxy in front of a service (PostgreSQL, Redis) that a test can cut (existing connections die, new ones
+/// are refused) and restore.
+pub struct Proxy {
+    pub port: u16,
+    up: Arc<AtomicBool>,
+    generation: Arc<AtomicU64>,
+}
+
+impl Proxy {
+    pub async fn start(target: String) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = Arc::new(AtomicBool::new(true));
+        let generation = Arc::new(AtomicU64::new(0));
+        let (up2, gen2) = (up.clone(), generation.clone());
+        actix_web::rt::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                if !up2.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let born = gen2.load(Ordering::SeqCst);
+                let (target, gen3) = (target.clone(), gen2.clone());
+                actix_web::rt::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    let copy = tokio::io::copy_bidirectional(&mut inbound, &mut outbound);
+                    let cut = async {
+                        while gen3.load(Ordering::SeqCst) == born {
+                            actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    };
+                    tokio::select! {
+                        _ = copy => {}
+                        _ = cut => {}
+                    }
+                });
+            }
+        });
+        Proxy {
+            port,
+            up,
+            generation,
+        }
+    }
+
+    pub fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A node as a child process, so it can be killed for real. It listens on `port`, with the
+/// test admin and `env` (settings as `PRESENCED__…` variables, `DATABASE_URL`, `REDIS_URL`);
+/// killed when dropped.
+pub struct ChildNode {
+    child: std::process::Child,
+    pub http: String,
+    pub ws: String,
+}
+
+impl ChildNode {
+    pub fn start(port: u16, env: &[(&str, String)]) -> ChildNode {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_presenced"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "warn")
+            .env("PRESENCED__SERVER__BIND", format!("127.0.0.1:{port}"))
+            .env("PRESENCED__BOOTSTRAP__ADMIN_EMAIL", ADMIN_EMAIL)
+            .env("PRESENCED__BOOTSTRAP__ADMIN_PASSWORD", ADMIN_PASSWORD);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("the presenced binary starts");
+        ChildNode {
+            child,
+            http: format!("http://127.0.0.1:{port}"),
+            ws: format!("ws://127.0.0.1:{port}/socket/websocket?vsn=2.0.0"),
+        }
+    }
+
+    pub async fn ready(&self) {
+        let url = format!("{}/readyz", self.http);
+        eventually("the child node to be ready", || {
+            let url = url.clone();
+            async move {
+                let res = client().get(url).send().await.ok()?;
+                res.status().is_success().then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// `Child::kill` is SIGKILL on Unix: no shutdown path runs, no final snapshot.
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("kill -9");
+        self.child.wait().expect("reaped");
+    }
+
+    pub async fn connect(&self, token: &str) -> WsClient {
+        WsClient::connect(&format!("{}&token={token}", self.ws))
+            .await
+            .expect("socket connects")
+    }
+}
+
+impl Drop for ChildNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

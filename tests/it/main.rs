@@ -1,6 +1,7 @@
 //! Integration tests: real nodes on port 0, real sockets, real SQLite files. One binary, so the
 //! suite links once.
 mod accounts;
+mod cluster;
 mod conformance;
 mod dashboard;
 mod demo;

@@ -2,9 +2,6 @@
 //! (a fresh database per test, dropped afterwards). A node is killed with SIGKILL and restarted
 //! as a child process; the database is cut with a TCP proxy while the node runs.
 
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -14,98 +11,25 @@ use presenced::store::Store;
 
 use crate::helpers::*;
 
-/// Polls `f` every 50 ms until it returns `Some`, for at most `WAIT`.
-async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// A node as a child process, so it can be killed for real.
-struct Node {
-    child: Child,
-    http: String,
-    ws: String,
-}
-
-impl Node {
-    fn start(port: u16, db_url: &str, node_id: &str, grace_ms: u64) -> Node {
-        let child = Command::new(env!("CARGO_BIN_EXE_presenced"))
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("RUST_LOG", "warn")
-            .env("PRESENCED__SERVER__BIND", format!("127.0.0.1:{port}"))
-            .env("PRESENCED__SERVER__WORKERS", "2")
-            .env("DATABASE_URL", db_url)
-            .env("PRESENCED__DATABASE__POOL_SIZE", "4")
-            .env("PRESENCED__BOOTSTRAP__ADMIN_EMAIL", ADMIN_EMAIL)
-            .env("PRESENCED__BOOTSTRAP__ADMIN_PASSWORD", ADMIN_PASSWORD)
-            .env("PRESENCED__CLUSTER__NODE_ID", node_id)
-            .env("PRESENCED__PRESENCE__GRACE_MS", grace_ms.to_string())
-            .env("PRESENCED__PRESENCE__ARBITERS", "2")
-            .env("PRESENCED__SNAPSHOT__INTERVAL_MS", "100")
-            .env("PRESENCED__HISTORY__SAMPLE_INTERVAL_MS", "1000")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("the presenced binary starts");
-        Node {
-            child,
-            http: format!("http://127.0.0.1:{port}"),
-            ws: format!("ws://127.0.0.1:{port}/socket/websocket?vsn=2.0.0"),
-        }
-    }
-
-    async fn ready(&self) {
-        let url = format!("{}/readyz", self.http);
-        eventually("the node to be ready", || {
-            let url = url.clone();
-            async move {
-                let res = client().get(url).send().await.ok()?;
-                res.status().is_success().then_some(())
-            }
-        })
-        .await;
-    }
-
-    fn kill9(&mut self) {
-        // `Child::kill` is SIGKILL on Unix: no shutdown path runs, no final snapshot.
-        self.child.kill().expect("kill -9");
-        self.child.wait().expect("reaped");
-    }
-
-    async fn connect(&self, token: &str) -> WsClient {
-        WsClient::connect(&format!("{}&token={token}", self.ws))
-            .await
-            .expect("socket connects")
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A persistence test's node: SQLite or PostgreSQL, fast snapshots and history samples.
+fn start_node(port: u16, db_url: &str, node_id: &str, grace_ms: u64) -> ChildNode {
+    ChildNode::start(
+        port,
+        &[
+            ("PRESENCED__SERVER__WORKERS", "2".into()),
+            ("DATABASE_URL", db_url.into()),
+            ("PRESENCED__DATABASE__POOL_SIZE", "4".into()),
+            ("PRESENCED__CLUSTER__NODE_ID", node_id.into()),
+            ("PRESENCED__PRESENCE__GRACE_MS", grace_ms.to_string()),
+            ("PRESENCED__PRESENCE__ARBITERS", "2".into()),
+            ("PRESENCED__SNAPSHOT__INTERVAL_MS", "100".into()),
+            ("PRESENCED__HISTORY__SAMPLE_INTERVAL_MS", "1000".into()),
+        ],
+    )
 }
 
 /// A `TestApp`-like view of a child node, for the HTTP helpers.
-async fn admin_of(node: &Node) -> String {
+async fn admin_of(node: &ChildNode) -> String {
     login(&node.http, ADMIN_EMAIL, ADMIN_PASSWORD)
         .await
         .expect("admin logs in")
@@ -169,7 +93,7 @@ async fn kill9_restart_restores_presence_without_flapping(backend: Backend) {
     let Some(db) = temp_db(backend) else { return };
     let port = free_port();
     let grace = 4_000;
-    let mut node = Node::start(port, db.url(), "node-k9", grace);
+    let mut node = start_node(port, db.url(), "node-k9", grace);
     node.ready().await;
     let admin = admin_of(&node).await;
     let mut res = client()
@@ -224,7 +148,7 @@ async fn kill9_restart_restores_presence_without_flapping(backend: Backend) {
 
     node.kill9();
     drop((obs, back, gone));
-    let mut node = Node::start(port, db.url(), "node-k9", grace);
+    let mut node = start_node(port, db.url(), "node-k9", grace);
     node.ready().await;
     let restarted = Instant::now();
 
@@ -507,66 +431,6 @@ async fn two_nodes_on_one_database_keep_their_own_snapshots_on_sqlite() {
 #[actix_web::test]
 async fn two_nodes_on_one_database_keep_their_own_snapshots_on_postgres() {
     two_nodes_on_one_database_keep_their_own_snapshots(Backend::Postgres).await;
-}
-
-/// A TCP proxy in front of PostgreSQL that a test can cut (existing connections die, new ones
-/// are refused) and restore.
-struct Proxy {
-    port: u16,
-    up: Arc<AtomicBool>,
-    generation: Arc<AtomicU64>,
-}
-
-impl Proxy {
-    async fn start(target: String) -> Proxy {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let up = Arc::new(AtomicBool::new(true));
-        let generation = Arc::new(AtomicU64::new(0));
-        let (up2, gen2) = (up.clone(), generation.clone());
-        actix_web::rt::spawn(async move {
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    continue;
-                };
-                if !up2.load(Ordering::SeqCst) {
-                    drop(inbound);
-                    continue;
-                }
-                let born = gen2.load(Ordering::SeqCst);
-                let (target, gen3) = (target.clone(), gen2.clone());
-                actix_web::rt::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
-                        return;
-                    };
-                    let copy = tokio::io::copy_bidirectional(&mut inbound, &mut outbound);
-                    let cut = async {
-                        while gen3.load(Ordering::SeqCst) == born {
-                            actix_web::rt::time::sleep(Duration::from_millis(20)).await;
-                        }
-                    };
-                    tokio::select! {
-                        _ = copy => {}
-                        _ = cut => {}
-                    }
-                });
-            }
-        });
-        Proxy {
-            port,
-            up,
-            generation,
-        }
-    }
-
-    fn cut(&self) {
-        self.up.store(false, Ordering::SeqCst);
-        self.generation.fetch_add(1, Ordering::SeqCst);
-    }
-
-    fn restore(&self) {
-        self.up.store(true, Ordering::SeqCst);
-    }
 }
 
 #[actix_web::test]
