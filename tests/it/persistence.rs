@@ -88,6 +88,19 @@ fn diffs_about(c: &WsClient, topic: &str, user: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Waits until a snapshot tick that began after this call has been committed. The sessions
+/// gauge alone is not enough: a tick collected just before a room join can commit after it,
+/// with the session but without its room.
+async fn snapshot_taken_after_now(http: &str) {
+    let ok = r#"result="ok""#;
+    let start = metric_of(http, "presenced_snapshot_ticks_total", ok).await;
+    // Ticks never overlap: the one in flight (if any) commits first, the next began after now.
+    eventually("a snapshot tick begun after now", || async move {
+        (metric_of(http, "presenced_snapshot_ticks_total", ok).await >= start + 2.0).then_some(())
+    })
+    .await;
+}
+
 /// The heart of the issue: kill -9, restart, and nobody flaps.
 async fn kill9_restart_restores_presence_without_flapping(backend: Backend) {
     let Some(db) = temp_db(backend) else { return };
@@ -125,15 +138,12 @@ async fn kill9_restart_restores_presence_without_flapping(backend: Backend) {
         })
         .await;
     }
-    // A snapshot holding all three has been written.
-    let http = node.http.clone();
-    eventually("a snapshot of the three sessions", || {
-        let http = http.clone();
-        async move {
-            (metric_of(&http, "presenced_snapshot_sessions", "").await >= 3.0).then_some(())
-        }
-    })
-    .await;
+    // A snapshot holding all three, in the room, has been written.
+    snapshot_taken_after_now(&node.http).await;
+    assert_eq!(
+        metric_of(&node.http, "presenced_snapshot_sessions", "").await,
+        3.0
+    );
     let before_crash = presence_actors::now_ms();
     let state_before = {
         let (s, v) = get_json(
@@ -234,6 +244,7 @@ fn fast_snapshots(s: &mut presenced::config::Settings, db: &TempDatabase, node: 
 }
 
 async fn wait_snapshot_sessions(app: &TestApp, n: f64) {
+    snapshot_taken_after_now(&app.http).await;
     eventually(&format!("a snapshot of {n} sessions"), || async {
         (app.metric("presenced_snapshot_sessions", "").await == n).then_some(())
     })
