@@ -23,6 +23,7 @@ use crate::protocol::{self, Reason};
 use crate::registry::{ActorDown, DownKind, Registry};
 use crate::snapshot::{AccountSnapshot, RestoreGhosts, SnapshotAccount};
 use crate::supervision::DeathNotice;
+use crate::timer::Deadline;
 
 /// A connection of an end user arrives in the account.
 #[derive(Message)]
@@ -127,6 +128,8 @@ pub struct AccountActor {
     scope: Scope,
     /// Connections on other nodes, mirrored from their owners.
     remotes: Remotes,
+    /// The one timer that expires ghosts.
+    expiry: Deadline,
 }
 
 pub struct AccountSpec {
@@ -165,6 +168,7 @@ impl AccountActor {
             recovery: spec.recovery,
             departed: HashMap::new(),
             _notice: notice,
+            expiry: Deadline::default(),
         }
     }
 
@@ -258,20 +262,24 @@ impl AccountActor {
     }
 
     fn schedule_expiry(&mut self, ctx: &mut Context<Self>, until: i64) {
-        let wait = (until - now_ms()).max(0) as u64 + 1;
-        ctx.run_later(Duration::from_millis(wait), |act, _| {
-            let now = now_ms();
-            let d = act.presence.expire(now);
-            for (u, m) in &d.leaves {
-                act.rooms_of.remove(&m.session);
-                act.publish_gone(u, m.session);
-            }
-            let users: Vec<Key> = d.leaves.iter().map(|(k, _)| k.clone()).collect();
-            act.emit(d);
-            for u in users {
-                act.emit_rooms(&u);
-            }
-        });
+        self.expiry.arm(ctx, until, Self::expire_ghosts);
+    }
+
+    fn expire_ghosts(&mut self, ctx: &mut Context<Self>) {
+        self.expiry.fired();
+        let d = self.presence.expire(now_ms());
+        for (u, m) in &d.leaves {
+            self.rooms_of.remove(&m.session);
+            self.publish_gone(u, m.session);
+        }
+        let users: Vec<Key> = d.leaves.iter().map(|(k, _)| k.clone()).collect();
+        self.emit(d);
+        for u in users {
+            self.emit_rooms(&u);
+        }
+        if let Some(next) = self.presence.next_expiry() {
+            self.schedule_expiry(ctx, next);
+        }
     }
 
     fn connection_json(&self, user: &str, session: SessionId) -> Option<Value> {

@@ -31,6 +31,7 @@ pub mod registry;
 pub mod room;
 pub mod snapshot;
 pub mod supervision;
+pub mod timer;
 
 pub use config::{EngineConfig, Limits};
 pub use metrics::Metrics;

@@ -10,7 +10,7 @@
 //! its leaves, so an *update* is a join of the new meta (fresh `phx_ref`, `phx_ref_prev` = the old
 //! one) plus a leave of the old meta in the same diff; the key never disappears on the client.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -284,7 +284,9 @@ pub struct JoinOutcome {
 pub struct PresenceSet {
     entries: BTreeMap<Key, Vec<Entry>>,
     metas: usize,
-    ghosts: usize,
+    /// Every ghost by deadline: expiry and the next deadline cost the ghosts due, not a scan
+    /// of every entry (an account of 20 000 sessions with reconnects every few ms).
+    deadlines: BTreeSet<(i64, SessionId, Key)>,
 }
 
 /// How a session went away.
@@ -312,7 +314,7 @@ impl PresenceSet {
     }
 
     pub fn ghosts(&self) -> usize {
-        self.ghosts
+        self.deadlines.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -371,8 +373,8 @@ impl PresenceSet {
         };
         let old = metas.remove(i);
         let was_ghost = old.ghost_until.is_some();
-        if was_ghost {
-            self.ghosts -= 1;
+        if let Some(t) = old.ghost_until {
+            self.deadlines.remove(&(t, old.meta.session, key.clone()));
         }
         let unchanged = was_ghost
             && old.meta.session != arrival.session
@@ -413,9 +415,10 @@ impl PresenceSet {
     /// used when a node restarts from its last snapshot.
     pub fn restore_ghost(&mut self, key: &Key, meta: Meta, until: i64) {
         let metas = self.entries.entry(key.clone()).or_default();
+        self.deadlines.insert((until, meta.session, key.clone()));
         if let Some(e) = metas.iter_mut().find(|e| e.meta.session == meta.session) {
-            if e.ghost_until.is_none() {
-                self.ghosts += 1;
+            if let Some(t) = e.ghost_until.filter(|t| *t != until) {
+                self.deadlines.remove(&(t, e.meta.session, key.clone()));
             }
             e.meta = meta;
             e.ghost_until = Some(until);
@@ -426,7 +429,6 @@ impl PresenceSet {
             ghost_until: Some(until),
         });
         self.metas += 1;
-        self.ghosts += 1;
     }
 
     /// Every meta with its ghost deadline (`None` for a live session), for snapshots.
@@ -511,8 +513,8 @@ impl PresenceSet {
             return diff;
         };
         let e = &mut metas[i];
-        if e.ghost_until.take().is_some() {
-            self.ghosts -= 1;
+        if let Some(t) = e.ghost_until.take() {
+            self.deadlines.remove(&(t, e.meta.session, key.clone()));
         }
         if e.meta.phx_ref != meta.phx_ref {
             let mut joined = meta.clone();
@@ -527,7 +529,7 @@ impl PresenceSet {
     /// A session goes away from this topic.
     pub fn leave(&mut self, key: &str, session: SessionId, how: Departure) -> Diff {
         let mut diff = Diff::default();
-        let Some(metas) = self.entries.get_mut(key) else {
+        let Some((k, metas)) = self.entries.get_key_value_mut_compat(key) else {
             return diff;
         };
         let Some(i) = metas.iter().position(|e| e.meta.session == session) else {
@@ -535,19 +537,20 @@ impl PresenceSet {
         };
         match how {
             Departure::Grace { until } => {
-                let e = &mut metas[i];
-                if e.ghost_until.is_none() {
-                    self.ghosts += 1;
+                if let Some(t) = metas[i].ghost_until.replace(until) {
+                    self.deadlines.remove(&(t, session, k.clone()));
                 }
-                e.ghost_until = Some(until);
+                self.deadlines.insert((until, session, k));
             }
             Departure::Now => {
                 let e = metas.remove(i);
-                if e.ghost_until.is_some() {
-                    self.ghosts -= 1;
+                if let Some(t) = e.ghost_until {
+                    self.deadlines.remove(&(t, session, k.clone()));
                 }
                 self.metas -= 1;
-                let k = self.remove_if_empty(key);
+                if metas.is_empty() {
+                    self.entries.remove(key);
+                }
                 diff.leaves.push((k, e.meta));
             }
         }
@@ -557,53 +560,51 @@ impl PresenceSet {
     /// Ghosts whose grace ran out by `now` leave, in one diff.
     pub fn expire(&mut self, now: i64) -> Diff {
         let mut diff = Diff::default();
-        if self.ghosts == 0 {
-            return diff;
-        }
-        let mut emptied = Vec::new();
-        for (k, metas) in self.entries.iter_mut() {
-            let mut i = 0;
-            while i < metas.len() {
-                if metas[i].ghost_until.is_some_and(|t| t <= now) {
-                    let e = metas.remove(i);
-                    self.ghosts -= 1;
-                    self.metas -= 1;
-                    diff.leaves.push((k.clone(), e.meta));
-                } else {
-                    i += 1;
-                }
+        while let Some((t, session, key)) = self.deadlines.first().cloned() {
+            if t > now {
+                break;
             }
+            self.deadlines.pop_first();
+            let Some(metas) = self.entries.get_mut(&key) else {
+                continue;
+            };
+            let Some(i) = metas
+                .iter()
+                .position(|e| e.meta.session == session && e.ghost_until == Some(t))
+            else {
+                continue;
+            };
+            let e = metas.remove(i);
+            self.metas -= 1;
             if metas.is_empty() {
-                emptied.push(k.clone());
+                self.entries.remove(&key);
             }
-        }
-        for k in emptied {
-            self.entries.remove(&k);
+            diff.leaves.push((key, e.meta));
         }
         diff
     }
 
     /// The earliest ghost deadline, for scheduling the next expiry.
     pub fn next_expiry(&self) -> Option<i64> {
-        if self.ghosts == 0 {
-            return None;
-        }
-        self.entries
-            .values()
-            .flatten()
-            .filter_map(|e| e.ghost_until)
-            .min()
+        self.deadlines.first().map(|(t, _, _)| *t)
     }
 
-    fn remove_if_empty(&mut self, key: &str) -> Key {
-        let (k, empty) = match self.entries.get_key_value(key) {
-            Some((k, v)) => (k.clone(), v.is_empty()),
-            None => (Key::from(key), false),
-        };
-        if empty {
-            self.entries.remove(key);
-        }
-        k
+    /// The bookkeeping agrees with the entries: the deadline index holds exactly the ghosts,
+    /// the meta count is right, and no key is left without metas.
+    #[cfg(test)]
+    pub(crate) fn assert_consistent(&self) {
+        let ghosts: BTreeSet<(i64, SessionId, Key)> = self
+            .entries
+            .iter()
+            .flat_map(|(k, v)| {
+                v.iter()
+                    .filter_map(move |e| e.ghost_until.map(|t| (t, e.meta.session, k.clone())))
+            })
+            .collect();
+        assert_eq!(ghosts, self.deadlines, "the deadline index is the ghosts");
+        let metas: usize = self.entries.values().map(Vec::len).sum();
+        assert_eq!(metas, self.metas, "the meta count");
+        assert!(self.entries.values().all(|v| !v.is_empty()), "no empty key");
     }
 
     /// Every key and its metas, in key order.

@@ -27,6 +27,7 @@ use crate::protocol::{self, Reason};
 use crate::registry::{ActorDown, DownKind, Registry, RoomIdle};
 use crate::snapshot::{RestoreGhosts, RoomSnapshot, SnapshotRoom};
 use crate::supervision::DeathNotice;
+use crate::timer::Deadline;
 
 pub struct RoomActor {
     account: Arc<str>,
@@ -44,6 +45,8 @@ pub struct RoomActor {
     idle_timer: Option<SpawnHandle>,
     /// Earliest deadline of ghosts made while fanning out (slow consumers), to schedule.
     expiry_due: Option<i64>,
+    /// The one timer that expires ghosts.
+    expiry: Deadline,
     notice: DeathNotice,
     /// This room as the cluster names it.
     scope: Scope,
@@ -96,6 +99,7 @@ impl RoomActor {
             recovery: spec.recovery,
             idle_timer: None,
             expiry_due: None,
+            expiry: Deadline::default(),
             notice,
         }
     }
@@ -188,15 +192,20 @@ impl RoomActor {
     }
 
     fn schedule_expiry(&mut self, ctx: &mut Context<Self>, until: i64) {
-        let wait = (until - now_ms()).max(0) as u64 + 1;
-        ctx.run_later(Duration::from_millis(wait), |act, ctx| {
-            let d = act.presence.expire(now_ms());
-            act.metrics.leaves.inc_by(d.leaves.len() as u64);
-            act.publish_gone(&d);
-            act.emit(d, None);
-            act.arm_expiry(ctx);
-            act.check_idle(ctx);
-        });
+        self.expiry.arm(ctx, until, Self::expire_ghosts);
+    }
+
+    fn expire_ghosts(&mut self, ctx: &mut Context<Self>) {
+        self.expiry.fired();
+        let d = self.presence.expire(now_ms());
+        self.metrics.leaves.inc_by(d.leaves.len() as u64);
+        self.publish_gone(&d);
+        self.emit(d, None);
+        if let Some(next) = self.presence.next_expiry() {
+            self.schedule_expiry(ctx, next);
+        }
+        self.arm_expiry(ctx);
+        self.check_idle(ctx);
     }
 
     fn check_idle(&mut self, ctx: &mut Context<Self>) {

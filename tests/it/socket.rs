@@ -395,3 +395,72 @@ async fn dashboards_learn_which_rooms_each_user_is_in_live() {
     })
     .await;
 }
+
+/// Dropped sessions leave one by one, each when its own grace runs out, from the room and the
+/// account alike (one expiry timer per actor, re-armed for the next ghost); a device that comes
+/// back in time never leaves.
+#[actix_web::test]
+async fn ghosts_leave_in_order_at_their_own_deadlines_and_a_reclaimed_one_never_leaves() {
+    let app = spawn_app_with(|s| s.presence.grace_ms = 3_000).await;
+    let acc = app.create_account("Ghosts").await;
+    let topic = "room:lobby";
+    let on = |d: &str| json!({"status": "online", "meta": {"device": d}});
+    let mut obs = app.connect(&app.user_token(&acc, "obs")).await;
+    obs.join_ok(topic, on("tab")).await;
+    let mut socks = Vec::new();
+    for u in ["ann", "bob", "cid"] {
+        let mut c = app.connect(&app.user_token(&acc, u)).await;
+        c.join_ok(topic, on("phone")).await;
+        obs.expect(&format!("{u} joins"), |v| {
+            is_diff(topic)(v) && joins_of(v).contains(&u.to_string())
+        })
+        .await;
+        socks.push(c);
+    }
+    let pause = || actix_web::rt::time::sleep(std::time::Duration::from_millis(400));
+    let mut socks = socks.into_iter();
+    socks.next().unwrap().close().await; // ann drops first
+    pause().await;
+    socks.next().unwrap().close().await; // then bob
+    pause().await;
+    socks.next().unwrap().close().await; // then cid
+    let mut bob = app.connect(&app.user_token(&acc, "bob")).await;
+    let state = bob.join_ok(topic, on("phone")).await;
+    assert!(
+        state["bob"]["metas"].is_array(),
+        "bob reclaims his ghost: {state}"
+    );
+
+    let first = obs
+        .expect("a leave", |v| is_diff(topic)(v) && !leaves_of(v).is_empty())
+        .await;
+    assert_eq!(leaves_of(&first), vec!["ann"], "{first}");
+    let second = obs
+        .expect("another leave", |v| {
+            is_diff(topic)(v) && !leaves_of(v).is_empty()
+        })
+        .await;
+    assert_eq!(leaves_of(&second), vec!["cid"], "{second}");
+    // bob came back in time: nothing about him, ever.
+    let _ = obs
+        .try_expect(std::time::Duration::from_millis(2_000), &|_| false)
+        .await;
+    let about_bob = obs
+        .seen
+        .iter()
+        .filter(|v| is_diff(topic)(v))
+        .filter(|v| leaves_of(v).contains(&"bob".to_string()))
+        .count();
+    assert_eq!(about_bob, 0, "bob never leaves");
+
+    // The account's connections went the same way.
+    let path = format!("/api/v1/accounts/{}/presence", acc.id);
+    let (status, v) = app.get(&path, &app.admin_token).await;
+    assert_eq!(status, 200, "{v}");
+    let mut users: Vec<&str> = v["presences"]
+        .as_object()
+        .map(|m| m.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    users.sort();
+    assert_eq!(users, vec!["bob", "obs"], "{v}");
+}

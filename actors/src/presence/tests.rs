@@ -333,7 +333,7 @@ fn normal(c: &ClientState) -> Vec<(String, Vec<Value>)> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(400))]
+    #![proptest_config(ProptestConfig { cases: 400, failure_persistence: None, ..ProptestConfig::default() })]
 
     /// Random joins, leaves, drops, reconnects and status changes, applied diff by diff (and in
     /// coalesced batches) to a phoenix.js-style client, always leave the client holding exactly
@@ -398,7 +398,9 @@ proptest! {
                 },
                 Op::Tick { ms } => {
                     now += ms as i64;
-                    set.expire(now)
+                    let d = set.expire(now);
+                    prop_assert!(set.next_expiry().is_none_or(|t| t > now), "a due ghost stayed");
+                    d
                 }
                 Op::Resync => {
                     // flush what was pending, then the client reconnects and gets the full state
@@ -410,6 +412,7 @@ proptest! {
                     Diff::default()
                 }
             };
+            set.assert_consistent();
             pending.merge(d);
             pending_n += 1;
             if pending_n >= batch {
