@@ -137,3 +137,35 @@ async fn the_floor_fakes_login_and_account_creation() {
         "{v}"
     );
 }
+
+/// The benchmarks drive the floor with `presenced-load`, set-up calls and all: a tiny fanout
+/// and a tiny connect run get every session in and every change to the other members.
+#[actix_web::test]
+async fn the_load_generator_runs_fanout_and_connect_against_the_floor() {
+    use presenced::load::{self, LoadOptions, Scenario};
+    let floor = Floor::start();
+    for scenario in [Scenario::Fanout, Scenario::Connect] {
+        let s = load::run(LoadOptions {
+            scenario,
+            url: format!("http://{}", floor.addr),
+            email: "admin@localhost".into(),
+            password: "any".into(),
+            sessions: 20,
+            rooms: 4,
+            rate: 200,
+            changes: 20,
+            duration: std::time::Duration::from_secs(1),
+            heartbeat: std::time::Duration::from_secs(1),
+            progress: false,
+            ..LoadOptions::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{scenario:?} against the floor: {e}"));
+        assert_eq!(s.sessions_connected, 20, "{}", s.table());
+        assert_eq!(s.errors_total, 0, "{:?}", s.errors);
+        if scenario == Scenario::Fanout {
+            assert!(s.changes > 0, "{}", s.table());
+            assert!(s.steady_deliveries >= s.changes, "{}", s.table());
+        }
+    }
+}
