@@ -51,8 +51,22 @@ impl fmt::Display for Ref {
 }
 
 impl Serialize for Ref {
+    /// Lowercase hex without leading zeros, as `Display`, without the formatting machinery:
+    /// every `presence_state` writes one per meta.
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut buf = [0u8; 16];
+        let mut i = buf.len();
+        let mut v = self.0;
+        loop {
+            i -= 1;
+            buf[i] = HEX[(v & 0xf) as usize];
+            v >>= 4;
+            if v == 0 {
+                break;
+            }
+        }
+        s.serialize_str(std::str::from_utf8(&buf[i..]).expect("hex digits are ASCII"))
     }
 }
 
@@ -223,6 +237,27 @@ impl Serialize for MetaList<'_> {
             seq.serialize_element(m)?;
         }
         seq.end()
+    }
+}
+
+/// `{"metas": [...]}` straight from a key's entries (no list of references to build).
+struct EntryMetas<'a>(&'a [Entry]);
+
+impl Serialize for EntryMetas<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        struct List<'a>(&'a [Entry]);
+        impl Serialize for List<'_> {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut seq = s.serialize_seq(Some(self.0.len()))?;
+                for e in self.0 {
+                    seq.serialize_element(&e.meta)?;
+                }
+                seq.end()
+            }
+        }
+        let mut m = s.serialize_map(Some(1))?;
+        m.serialize_entry("metas", &List(self.0))?;
+        m.end()
     }
 }
 
@@ -653,8 +688,7 @@ impl Serialize for State<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut m = s.serialize_map(Some(self.0.entries.len()))?;
         for (k, v) in &self.0.entries {
-            let metas: Vec<&Meta> = v.iter().map(|e| &e.meta).collect();
-            m.serialize_entry(&**k, &Metas(&metas))?;
+            m.serialize_entry(&**k, &EntryMetas(v))?;
         }
         m.end()
     }

@@ -457,3 +457,20 @@ fn the_ghost_a_reconnect_would_reclaim_tells_its_status() {
     assert!(out.diff.is_empty(), "{:?}", out.diff);
     assert_eq!(out.phx_ref, Ref(1));
 }
+
+#[test]
+fn a_ref_serialises_as_its_display_form() {
+    for v in [
+        0,
+        1,
+        0xf,
+        0x10,
+        0xabc,
+        u64::from(u32::MAX),
+        0x99f2b50000000006,
+        u64::MAX,
+    ] {
+        let json = serde_json::to_string(&Ref(v)).unwrap();
+        assert_eq!(json, format!("\"{}\"", Ref(v)), "{v:#x}");
+    }
+}
