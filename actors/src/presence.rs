@@ -390,15 +390,7 @@ impl PresenceSet {
         let Some(i) = replaced else {
             let meta = arrival.into_meta(new_ref);
             diff.joins.push((key.clone(), meta.clone()));
-            // Most users have one session here: the first entry takes room for one, not four
-            // (later ones grow as usual).
-            if metas.capacity() == 0 {
-                metas.reserve_exact(1);
-            }
-            metas.push(Entry {
-                meta,
-                ghost_until: None,
-            });
+            push_live(metas, meta);
             self.metas += 1;
             return JoinOutcome {
                 diff,
@@ -537,13 +529,7 @@ impl PresenceSet {
             .or_else(|| metas.iter().position(|e| e.meta.phx_ref == meta.phx_ref));
         let Some(i) = found else {
             diff.joins.push((key.clone(), meta.clone()));
-            if metas.capacity() == 0 {
-                metas.reserve_exact(1);
-            }
-            metas.push(Entry {
-                meta,
-                ghost_until: None,
-            });
+            push_live(metas, meta);
             self.metas += 1;
             return diff;
         };
@@ -667,6 +653,18 @@ impl PresenceSet {
     pub fn state(&self) -> State<'_> {
         State(self)
     }
+}
+
+/// Adds a live (non-ghost) entry to a key's metas. Most users have one session in a topic: the
+/// first entry takes room for one, not four (later ones grow as usual).
+fn push_live(metas: &mut Vec<Entry>, meta: Meta) {
+    if metas.capacity() == 0 {
+        metas.reserve_exact(1);
+    }
+    metas.push(Entry {
+        meta,
+        ghost_until: None,
+    });
 }
 
 /// Small helper so `update` can return the stored `Arc` key without a second lookup.
