@@ -74,6 +74,8 @@ struct CachedUser {
     /// `None`: the user does not exist (deleted), remembered so its tokens cost no query.
     facts: Option<UserFacts>,
     loaded_at: Instant,
+    /// A reload ahead of expiry is under way (so one request starts it, not every one).
+    refreshing: bool,
 }
 
 /// Dashboard users as the `Caller` extractor checks them, so that an access token stops
@@ -99,6 +101,7 @@ impl UserCache {
                 CachedUser {
                     facts,
                     loaded_at: Instant::now(),
+                    refreshing: false,
                 },
             );
         }
@@ -112,6 +115,69 @@ impl UserCache {
     /// Records that a user no longer exists.
     pub fn forget(&self, id: &str) {
         self.store(id, None);
+    }
+
+    /// True for the one caller that should reload `id` ahead of its expiry.
+    fn claim_refresh(&self, id: &str) -> bool {
+        let Ok(mut m) = self.inner.write() else {
+            return false;
+        };
+        match m.get_mut(id) {
+            Some(e) if !e.refreshing => {
+                e.refreshing = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The outcome of a reload ahead of expiry, unless a change through this node (which
+    /// replaced the entry) came in meanwhile: what the reload read may predate it.
+    fn refreshed(&self, id: &str, facts: Option<UserFacts>) {
+        if let Ok(mut m) = self.inner.write() {
+            if let Some(e) = m.get_mut(id).filter(|e| e.refreshing) {
+                *e = CachedUser {
+                    facts,
+                    loaded_at: Instant::now(),
+                    refreshing: false,
+                };
+            }
+        }
+    }
+
+    /// Lets the next request try again after a reload ahead of expiry failed.
+    fn refresh_failed(&self, id: &str) {
+        if let Ok(mut m) = self.inner.write() {
+            if let Some(e) = m.get_mut(id) {
+                e.refreshing = false;
+            }
+        }
+    }
+
+    /// Reloads `id` in the background, the request that noticed it going on at once. Under
+    /// steady traffic an entry is then never stale, and no request waits for the database (on
+    /// a worker busy with WebSocket sessions, resuming after `web::block` can take as long as
+    /// that worker's queue).
+    fn refresh_ahead(&self, store: &crate::store::Store, id: &str) {
+        if !self.claim_refresh(id) {
+            return;
+        }
+        let (cache, store, id) = (self.clone(), store.clone(), id.to_string());
+        actix_web::rt::spawn(async move {
+            let lookup = {
+                let (store, id) = (store.clone(), id.clone());
+                web::block(move || store.get_user(&id)).await
+            };
+            match lookup {
+                Ok(Ok(u)) => cache.refreshed(&id, Some(UserFacts::from(&u))),
+                Ok(Err(StoreError::NotFound)) => cache.refreshed(&id, None),
+                Ok(Err(e)) => {
+                    log::warn!("user check ahead of expiry failed: {e}");
+                    cache.refresh_failed(&id);
+                }
+                Err(_) => cache.refresh_failed(&id),
+            }
+        });
     }
 }
 
@@ -129,7 +195,12 @@ fn revoked() -> ApiError {
 pub async fn ensure_live(state: &AppState, claims: &AccessClaims) -> Result<(), ApiError> {
     let cached = state.users.lookup(&claims.sub);
     let facts = match cached {
-        Some(c) if c.loaded_at.elapsed() < USER_CACHE_TTL => c.facts,
+        Some(c) if c.loaded_at.elapsed() < USER_CACHE_TTL => {
+            if c.loaded_at.elapsed() >= USER_CACHE_TTL / 2 {
+                state.users.refresh_ahead(&state.store, &claims.sub);
+            }
+            c.facts
+        }
         stale => {
             let store = state.store.clone();
             let id = claims.sub.clone();

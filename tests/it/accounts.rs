@@ -1213,3 +1213,31 @@ async fn a_second_node_honours_the_first_nodes_keys_and_rotations_on_sqlite() {
 async fn a_second_node_honours_the_first_nodes_keys_and_rotations_on_postgres() {
     a_second_node_honours_the_first_nodes_keys_and_rotations(Backend::Postgres).await;
 }
+
+/// A user deleted where this node's cache did not see it (another node, or straight in the
+/// database) loses access once the cached facts are reloaded, which happens in the background
+/// while requests keep being answered from the cache.
+#[actix_web::test]
+async fn a_user_deleted_behind_the_nodes_back_is_refused_after_the_cache_reloads_it() {
+    let app = spawn_app().await;
+    let (a, owner, owner_token) = account_with_owner(&app, "A", "owner@a.io").await;
+    let path = format!("/api/v1/accounts/{}", a.id);
+    let (status, v) = app.get(&path, &owner_token).await;
+    assert_eq!(status, 200, "{v}");
+
+    app.state
+        .store
+        .delete_user(&s(&owner, "id"))
+        .expect("the owner is deleted");
+    let refused = eventually("the deleted owner's token is refused", || async {
+        let (status, v) = app.get(&path, &owner_token).await;
+        (status != 200).then_some((status, v))
+    })
+    .await;
+    assert_eq!(
+        (refused.0, refused.1["error"].as_str()),
+        (401, Some("token_revoked")),
+        "{}",
+        refused.1
+    );
+}
