@@ -113,11 +113,11 @@ impl Application {
         };
         let ids = Arc::new(IdGen::new());
         let registry_arbiter = Arbiter::new();
-        let registry = {
-            let (engine, ids, metrics) = (engine.clone(), ids.clone(), metrics.clone());
-            Registry::start_in_arbiter(&registry_arbiter.handle(), move |_| {
-                Registry::new(engine, ids, metrics)
-            })
+        let (registry, rooms) = {
+            let registry = Registry::new(engine.clone(), ids.clone(), metrics.clone());
+            let rooms = registry.directory();
+            let addr = Registry::start_in_arbiter(&registry_arbiter.handle(), move |_| registry);
+            (addr, rooms)
         };
         // The cluster first: a node restarting within its lease restores from Redis, which is
         // fresher than the database's last snapshot.
@@ -190,6 +190,7 @@ impl Application {
         registry_arbiter.spawn(memory::trim_periodically(metrics.clone()));
         let state = web::Data::new(AppState {
             registry,
+            rooms,
             store,
             keys,
             keyring,

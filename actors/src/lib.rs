@@ -32,6 +32,7 @@ pub mod room;
 pub mod snapshot;
 pub mod supervision;
 pub mod timer;
+pub mod view;
 
 pub use config::{EngineConfig, Limits};
 pub use metrics::Metrics;

@@ -71,21 +71,13 @@ pub struct Broadcast {
     pub include_self: bool,
 }
 
-/// Here-now of a room: one page of members.
+/// Here-now of a room: one page of members, as its JSON body (`room::Members::here_now`).
+/// HTTP reads a ready room's view in place; this is for a room still being rebuilt.
 #[derive(Message, Debug)]
-#[rtype(result = "HereNowPage")]
+#[rtype(result = "String")]
 pub struct HereNow {
     pub after: Option<String>,
     pub limit: usize,
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct HereNowPage {
-    pub room: String,
-    pub users: usize,
-    pub sessions: usize,
-    pub presences: Value,
-    pub next_cursor: Option<String>,
 }
 
 /// Test and chaos hook: the actor panics, as a bug would make it.

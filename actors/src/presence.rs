@@ -121,9 +121,13 @@ pub struct Meta {
 /// Keys a client cannot set through meta because the server owns them.
 pub const RESERVED_META_KEYS: [&str; 4] = ["phx_ref", "phx_ref_prev", "status", "online_at"];
 
-impl Serialize for Meta {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(None)?;
+impl Meta {
+    /// The meta's entries into an open map; `skip` is a key the caller writes itself.
+    fn write_entries<M: SerializeMap>(
+        &self,
+        m: &mut M,
+        skip: Option<&str>,
+    ) -> Result<(), M::Error> {
         m.serialize_entry("phx_ref", &self.phx_ref)?;
         if let Some(prev) = self.phx_ref_prev {
             m.serialize_entry("phx_ref_prev", &prev)?;
@@ -131,10 +135,34 @@ impl Serialize for Meta {
         m.serialize_entry("status", &*self.status)?;
         m.serialize_entry("online_at", &self.online_at)?;
         for (k, v) in self.fields.iter() {
-            if !RESERVED_META_KEYS.contains(&k.as_str()) {
+            if !RESERVED_META_KEYS.contains(&k.as_str()) && Some(k.as_str()) != skip {
                 m.serialize_entry(k, v)?;
             }
         }
+        Ok(())
+    }
+}
+
+impl Serialize for Meta {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(None)?;
+        self.write_entries(&mut m, None)?;
+        m.end()
+    }
+}
+
+/// A meta as here-now shows it: with `"node"`, the cluster node its session is on (which
+/// wins over a client field of that name).
+pub struct MetaOnNode<'a> {
+    pub meta: &'a Meta,
+    pub node: &'a str,
+}
+
+impl Serialize for MetaOnNode<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(None)?;
+        self.meta.write_entries(&mut m, Some("node"))?;
+        m.serialize_entry("node", self.node)?;
         m.end()
     }
 }
@@ -635,8 +663,11 @@ impl PresenceSet {
             .map(|(k, v)| (k, v.iter().map(|e| &e.meta)))
     }
 
-    /// A page of keys strictly after `after`, at most `limit` of them.
-    pub fn page(&self, after: Option<&str>, limit: usize) -> Vec<(&Key, Vec<&Meta>)> {
+    /// The keys strictly after `after` (all of them for `None`), in order, with their metas.
+    pub fn after(
+        &self,
+        after: Option<&str>,
+    ) -> impl Iterator<Item = (&Key, impl ExactSizeIterator<Item = &Meta> + Clone)> {
         use std::ops::Bound;
         let lower = match after {
             Some(a) => Bound::Excluded(a),
@@ -644,8 +675,14 @@ impl PresenceSet {
         };
         self.entries
             .range::<str, _>((lower, Bound::Unbounded))
+            .map(|(k, v)| (k, v.iter().map(|e| &e.meta)))
+    }
+
+    /// A page of keys strictly after `after`, at most `limit` of them.
+    pub fn page(&self, after: Option<&str>, limit: usize) -> Vec<(&Key, Vec<&Meta>)> {
+        self.after(after)
             .take(limit)
-            .map(|(k, v)| (k, v.iter().map(|e| &e.meta).collect()))
+            .map(|(k, metas)| (k, metas.collect()))
             .collect()
     }
 

@@ -18,8 +18,9 @@ use crate::messages::{Crash, Report, ReportMembership, SessionAddr, ToSession};
 use crate::metrics::Metrics;
 use crate::presence::{IdGen, Key, SessionId};
 use crate::protocol::Reason;
-use crate::room::{RoomActor, RoomSpec};
+use crate::room::{Members, RoomActor, RoomSpec};
 use crate::snapshot::Restore;
+use crate::view::{RoomDirectory, View};
 
 /// Which supervised actor died.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -177,6 +178,8 @@ pub struct Registry {
     next_gen: u64,
     accounts: HashMap<Arc<str>, Slot<AccountActor>>,
     rooms: HashMap<(Arc<str>, Arc<str>), Slot<RoomActor>>,
+    /// The live rooms' members, for readers outside the tree (`directory()`).
+    directory: RoomDirectory,
     rooms_per_account: HashMap<Arc<str>, usize>,
     /// Rooms each account's plan allows (absent: only `limits.max_rooms_per_account`).
     plan_rooms: HashMap<Arc<str>, usize>,
@@ -197,6 +200,7 @@ impl Registry {
             next_gen: 1,
             accounts: HashMap::new(),
             rooms: HashMap::new(),
+            directory: RoomDirectory::default(),
             rooms_per_account: HashMap::new(),
             plan_rooms: HashMap::new(),
             sessions: HashMap::new(),
@@ -204,6 +208,12 @@ impl Registry {
             restarts: 0,
             shutting_down: false,
         }
+    }
+
+    /// Where HTTP reads a live room's members without asking the room (here-now). Take it
+    /// before starting the registry.
+    pub fn directory(&self) -> RoomDirectory {
+        self.directory.clone()
     }
 
     fn arbiter(&mut self) -> ArbiterHandle {
@@ -263,7 +273,11 @@ impl Registry {
         me: Addr<Registry>,
         recovery: Option<oneshot::Receiver<Vec<crate::messages::RoomMembership>>>,
     ) -> Addr<RoomActor> {
+        let members = View::new(Members::new(recovery.is_none()));
+        self.directory
+            .insert(account.clone(), room.clone(), members.clone());
         let spec = RoomSpec {
+            members,
             account: account.clone(),
             name: room.clone(),
             gen: self.gen(),
@@ -507,6 +521,7 @@ impl Handler<RoomIdle> for Registry {
         match self.rooms.get(&key) {
             Some(slot) if slot.gen == msg.gen && slot.routed == msg.remote_seen => {
                 self.rooms.remove(&key);
+                self.directory.remove(&key.0, &key.1);
                 if let Some(n) = self.rooms_per_account.get_mut(&msg.account) {
                     *n = n.saturating_sub(1);
                     if *n == 0 {

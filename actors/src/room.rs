@@ -11,30 +11,30 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use bytestring::ByteString;
-use serde_json::Value;
 use tokio::sync::oneshot;
 
 use crate::cluster::{Change, RemoteChanges, Remotes, Request, Scope};
 use crate::config::EngineConfig;
 use crate::fanout::{Fanout, Subscriber};
-use crate::messages::{
-    Broadcast, Crash, HereNow, HereNowPage, Join, Joined, Leave, RoomMembership, SetStatus,
-};
+use crate::messages::{Broadcast, Crash, HereNow, Join, Joined, Leave, RoomMembership, SetStatus};
 use crate::metrics::Metrics;
 use crate::now_ms;
-use crate::presence::{Departure, Diff, IdGen, PresenceSet, Ref};
+use crate::presence::{Departure, Diff, IdGen, Meta, MetaOnNode, PresenceSet, Ref};
 use crate::protocol::{self, Reason};
 use crate::registry::{ActorDown, DownKind, Registry, RoomIdle};
 use crate::snapshot::{RestoreGhosts, RoomSnapshot, SnapshotRoom};
 use crate::supervision::DeathNotice;
 use crate::timer::Deadline;
+use crate::view::View;
 
 pub struct RoomActor {
     account: Arc<str>,
     name: Arc<str>,
     /// `room:<name>`, shared by every frame this room emits.
     topic: Arc<str>,
-    presence: PresenceSet,
+    /// Presence and the remote owners of entries; this actor alone writes it, here-now reads it
+    /// in place.
+    members: View<Members>,
     subs: Fanout,
     ids: Arc<IdGen>,
     cfg: Arc<EngineConfig>,
@@ -50,11 +50,121 @@ pub struct RoomActor {
     notice: DeathNotice,
     /// This room as the cluster names it.
     scope: Scope,
-    /// Members on other nodes, mirrored from their owners.
-    remotes: Remotes,
     /// Batches of remote changes handled, so the registry never lets the room stop with one
     /// still on its way.
     remote_seen: u64,
+}
+
+/// A room's members: its presence, and which of its entries other nodes own. Only the room's
+/// handlers write it; here-now reads it in place (see `view`).
+pub struct Members {
+    presence: PresenceSet,
+    /// Members on other nodes, mirrored from their owners.
+    remotes: Remotes,
+    /// False while a restarted room waits for its sessions' reports: until then this is not
+    /// the room's presence, and readers ask the actor, which answers once it is rebuilt.
+    ready: bool,
+}
+
+impl Members {
+    /// The members of a room that starts empty, or (`ready: false`) one being rebuilt.
+    pub fn new(ready: bool) -> Members {
+        Members {
+            presence: PresenceSet::new(),
+            remotes: Remotes::default(),
+            ready,
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready
+    }
+
+    /// `(users, sessions)`.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.presence.keys(), self.presence.metas())
+    }
+
+    /// One page of here-now, as its JSON body: up to `limit` users (1 to 1 000) after the
+    /// cursor `after`, each with their metas and the node each session is on.
+    pub fn here_now(&self, room: &str, node: &str, after: Option<&str>, limit: usize) -> String {
+        let limit = limit.clamp(1, 1000);
+        let next_cursor = self.presence.after(after).nth(limit - 1).map(|(k, _)| &**k);
+        let page = HereNowPage {
+            room,
+            users: self.presence.keys(),
+            sessions: self.presence.metas(),
+            presences: Presences {
+                members: self,
+                node,
+                after,
+                limit,
+            },
+            next_cursor,
+        };
+        serde_json::to_string(&page).unwrap_or_else(|_| String::from("{}"))
+    }
+}
+
+#[derive(serde::Serialize)]
+struct HereNowPage<'a> {
+    room: &'a str,
+    users: usize,
+    sessions: usize,
+    presences: Presences<'a>,
+    next_cursor: Option<&'a str>,
+}
+
+struct Presences<'a> {
+    members: &'a Members,
+    node: &'a str,
+    after: Option<&'a str>,
+    limit: usize,
+}
+
+impl serde::Serialize for Presences<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeSeq};
+        struct Metas<'a, I> {
+            metas: I,
+            remotes: &'a Remotes,
+            node: &'a str,
+        }
+        impl<'a, I: ExactSizeIterator<Item = &'a Meta> + Clone> serde::Serialize for Metas<'a, I> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut seq = s.serialize_seq(Some(self.metas.len()))?;
+                for meta in self.metas.clone() {
+                    let node = self
+                        .remotes
+                        .node_of(meta.session)
+                        .map_or(self.node, |n| &**n);
+                    seq.serialize_element(&MetaOnNode { meta, node })?;
+                }
+                seq.end()
+            }
+        }
+        /// `{"metas": [...]}`
+        struct Entry<M> {
+            metas: M,
+        }
+        impl<M: serde::Serialize> serde::Serialize for Entry<M> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("metas", &self.metas)?;
+                m.end()
+            }
+        }
+        let mut m = s.serialize_map(None)?;
+        for (key, metas) in self.members.presence.after(self.after).take(self.limit) {
+            let metas = Metas {
+                metas,
+                remotes: &self.members.remotes,
+                node: self.node,
+            };
+            m.serialize_entry(&**key, &Entry { metas })?;
+        }
+        m.end()
+    }
 }
 
 /// Everything a room needs at birth.
@@ -67,6 +177,8 @@ pub struct RoomSpec {
     pub metrics: Metrics,
     pub registry: Addr<Registry>,
     pub recovery: Option<oneshot::Receiver<Vec<RoomMembership>>>,
+    /// Where the room keeps its members (made by the registry, which lists it for readers).
+    pub members: View<Members>,
 }
 
 impl RoomActor {
@@ -85,12 +197,11 @@ impl RoomActor {
                 account: spec.account.clone(),
                 room: spec.name.clone(),
             },
-            remotes: Remotes::default(),
             remote_seen: 0,
             account: spec.account,
             name: spec.name,
             topic,
-            presence: PresenceSet::new(),
+            members: spec.members,
             subs: Fanout::default(),
             ids: spec.ids,
             cfg: spec.cfg,
@@ -109,12 +220,13 @@ impl RoomActor {
         if !self.cfg.cluster.clustered() {
             return;
         }
-        if let Some(meta) = self.presence.meta_of(user, session) {
+        let meta = self.members.read().presence.meta_of(user, session).cloned();
+        if let Some(meta) = meta {
             self.cfg.cluster.publish(
                 &self.scope,
                 Change::Put {
                     user: user.clone(),
-                    meta: meta.clone(),
+                    meta,
                     rooms: Vec::new(),
                 },
             );
@@ -126,8 +238,9 @@ impl RoomActor {
         if !self.cfg.cluster.clustered() {
             return;
         }
+        let members = self.members.read();
         for (user, m) in &diff.leaves {
-            if !self.remotes.is_remote(m.session) {
+            if !members.remotes.is_remote(m.session) {
                 self.cfg.cluster.publish(
                     &self.scope,
                     Change::Gone {
@@ -154,10 +267,11 @@ impl RoomActor {
             for d in dropped.into_iter().filter(|d| d.slow) {
                 // A slow consumer is disconnected; it leaves like any dropped session, so a
                 // prompt reconnect is seamless.
-                diff.merge(
-                    self.presence
-                        .leave(&d.user, d.session, Departure::Grace { until }),
-                );
+                diff.merge(self.members.write().presence.leave(
+                    &d.user,
+                    d.session,
+                    Departure::Grace { until },
+                ));
                 self.expiry_due = Some(self.expiry_due.map_or(until, |t| t.min(until)));
             }
         }
@@ -170,10 +284,11 @@ impl RoomActor {
         let until = now_ms() + self.cfg.grace_ms as i64;
         let mut diff = Diff::default();
         for d in dropped.into_iter().filter(|d| d.slow) {
-            diff.merge(
-                self.presence
-                    .leave(&d.user, d.session, Departure::Grace { until }),
-            );
+            diff.merge(self.members.write().presence.leave(
+                &d.user,
+                d.session,
+                Departure::Grace { until },
+            ));
             self.expiry_due = Some(self.expiry_due.map_or(until, |t| t.min(until)));
         }
         self.emit(diff, None);
@@ -188,7 +303,11 @@ impl RoomActor {
 
     /// `presence_state` as a ready frame (refs null: the same bytes suit any member).
     fn state_frame(&self) -> ByteString {
-        protocol::broadcast(&self.topic, "presence_state", &self.presence.state())
+        protocol::broadcast(
+            &self.topic,
+            "presence_state",
+            &self.members.read().presence.state(),
+        )
     }
 
     fn schedule_expiry(&mut self, ctx: &mut Context<Self>, until: i64) {
@@ -197,11 +316,12 @@ impl RoomActor {
 
     fn expire_ghosts(&mut self, ctx: &mut Context<Self>) {
         self.expiry.fired();
-        let d = self.presence.expire(now_ms());
+        let d = self.members.write().presence.expire(now_ms());
         self.metrics.leaves.inc_by(d.leaves.len() as u64);
         self.publish_gone(&d);
         self.emit(d, None);
-        if let Some(next) = self.presence.next_expiry() {
+        let next = self.members.read().presence.next_expiry();
+        if let Some(next) = next {
             self.schedule_expiry(ctx, next);
         }
         self.arm_expiry(ctx);
@@ -209,7 +329,7 @@ impl RoomActor {
     }
 
     fn check_idle(&mut self, ctx: &mut Context<Self>) {
-        if !(self.presence.is_empty() && self.subs.is_empty()) {
+        if !(self.members.read().presence.is_empty() && self.subs.is_empty()) {
             if let Some(h) = self.idle_timer.take() {
                 ctx.cancel_future(h);
             }
@@ -220,7 +340,7 @@ impl RoomActor {
         }
         let h = ctx.run_later(Duration::from_millis(self.cfg.room_idle_ms), |act, ctx| {
             act.idle_timer = None;
-            if !(act.presence.is_empty() && act.subs.is_empty()) {
+            if !(act.members.read().presence.is_empty() && act.subs.is_empty()) {
                 return;
             }
             let ask = act.registry.send(RoomIdle {
@@ -265,7 +385,7 @@ impl Actor for RoomActor {
                     );
                     for m in members {
                         let session = m.meta.session;
-                        act.presence.restore(&m.user, m.meta);
+                        act.members.write().presence.restore(&m.user, m.meta);
                         act.subs.insert(
                             session,
                             Subscriber {
@@ -276,8 +396,8 @@ impl Actor for RoomActor {
                     }
                     // Clients reconcile against the rebuilt state: nothing changes for live members,
                     // and anything the crash lost (ghosts, an unacknowledged update) is corrected.
-                    let frame =
-                        protocol::broadcast(&act.topic, "presence_state", &act.presence.state());
+                    act.members.write().ready = true;
+                    let frame = act.state_frame();
                     act.subs.send(&frame, None, &act.topic, &act.metrics);
                     // Members on other nodes died with the old actor: the driver sends them again.
                     act.cfg.cluster.request(Request::Refill(act.scope.clone()));
@@ -308,6 +428,8 @@ impl Handler<Join> for RoomActor {
             return Err(Reason::RoomFull);
         }
         let out = self
+            .members
+            .write()
             .presence
             .join(&msg.user, msg.arrival, self.ids.next_ref());
         self.metrics.joins.inc();
@@ -343,7 +465,11 @@ impl Handler<Leave> for RoomActor {
 
     fn handle(&mut self, msg: Leave, ctx: &mut Context<Self>) {
         self.subs.remove(msg.session);
-        let diff = self.presence.leave(&msg.user, msg.session, msg.how);
+        let diff = self
+            .members
+            .write()
+            .presence
+            .leave(&msg.user, msg.session, msg.how);
         match msg.how {
             Departure::Grace { until } => self.schedule_expiry(ctx, until),
             Departure::Now => self.metrics.leaves.inc_by(diff.leaves.len() as u64),
@@ -363,6 +489,8 @@ impl Handler<SetStatus> for RoomActor {
             return Err(Reason::NotJoined);
         }
         let (diff, meta) = self
+            .members
+            .write()
             .presence
             .update(
                 &msg.user,
@@ -409,38 +537,12 @@ impl Handler<HereNow> for RoomActor {
     type Result = MessageResult<HereNow>;
 
     fn handle(&mut self, msg: HereNow, _: &mut Context<Self>) -> Self::Result {
-        let limit = msg.limit.clamp(1, 1000);
-        let page = self.presence.page(msg.after.as_deref(), limit);
-        let next_cursor = if page.len() == limit {
-            page.last().map(|(k, _)| k.to_string())
-        } else {
-            None
-        };
-        let mut presences = serde_json::Map::new();
-        for (k, metas) in page {
-            let metas: Vec<Value> = metas
-                .into_iter()
-                .map(|m| {
-                    let mut v = serde_json::to_value(m).unwrap_or(Value::Null);
-                    if let Some(o) = v.as_object_mut() {
-                        let node = self
-                            .remotes
-                            .node_of(m.session)
-                            .unwrap_or(&self.cfg.cluster.node);
-                        o.insert("node".into(), Value::from(&**node));
-                    }
-                    v
-                })
-                .collect();
-            presences.insert(k.to_string(), serde_json::json!({ "metas": metas }));
-        }
-        MessageResult(HereNowPage {
-            room: self.name.to_string(),
-            users: self.presence.keys(),
-            sessions: self.presence.metas(),
-            presences: Value::Object(presences),
-            next_cursor,
-        })
+        MessageResult(self.members.read().here_now(
+            &self.name,
+            &self.cfg.cluster.node,
+            msg.after.as_deref(),
+            msg.limit,
+        ))
     }
 }
 
@@ -453,7 +555,7 @@ impl Handler<Occupancy> for RoomActor {
     type Result = MessageResult<Occupancy>;
 
     fn handle(&mut self, _: Occupancy, _: &mut Context<Self>) -> Self::Result {
-        MessageResult((self.presence.keys(), self.presence.metas()))
+        MessageResult(self.members.read().counts())
     }
 }
 
@@ -465,12 +567,15 @@ impl Handler<SnapshotRoom> for RoomActor {
             account: self.account.clone(),
             room: self.name.clone(),
             // Only this node's own entries: other nodes persist theirs.
-            members: self
-                .presence
-                .entries()
-                .filter(|(_, m, _)| !self.remotes.is_remote(m.session))
-                .map(|(k, m, g)| (k.clone(), m.clone(), g))
-                .collect(),
+            members: {
+                let members = self.members.read();
+                members
+                    .presence
+                    .entries()
+                    .filter(|(_, m, _)| !members.remotes.is_remote(m.session))
+                    .map(|(k, m, g)| (k.clone(), m.clone(), g))
+                    .collect()
+            },
         })
     }
 }
@@ -481,10 +586,14 @@ impl Handler<RestoreGhosts> for RoomActor {
     fn handle(&mut self, msg: RestoreGhosts, ctx: &mut Context<Self>) {
         for (user, meta, until) in msg.ghosts {
             let session = meta.session;
-            self.presence.restore_ghost(&user, meta, until);
+            self.members
+                .write()
+                .presence
+                .restore_ghost(&user, meta, until);
             self.publish_put(&user, session);
         }
-        if let Some(until) = self.presence.next_expiry() {
+        let next = self.members.read().presence.next_expiry();
+        if let Some(until) = next {
             self.schedule_expiry(ctx, until);
         }
         self.check_idle(ctx);
@@ -496,12 +605,13 @@ impl Handler<RemoteChanges> for RoomActor {
 
     fn handle(&mut self, msg: RemoteChanges, ctx: &mut Context<Self>) {
         self.remote_seen += 1;
-        let applied = self.remotes.apply(
-            &mut self.presence,
-            &msg.node,
-            msg.changes,
-            msg.reason.as_ref(),
-        );
+        let applied = {
+            let mut members = self.members.write();
+            let Members {
+                presence, remotes, ..
+            } = &mut *members;
+            remotes.apply(presence, &msg.node, msg.changes, msg.reason.as_ref())
+        };
         self.metrics.leaves.inc_by(applied.diff.leaves.len() as u64);
         self.emit(applied.diff, None);
         for (event, payload) in applied.casts {

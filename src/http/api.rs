@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use actix_web::http::header::ContentType;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
@@ -14,6 +15,7 @@ use presence_actors::presence::SessionId;
 use presence_actors::registry::{
     KickSession, ListRooms, LookupAccount, LookupRoom, ResolveAccount,
 };
+use presence_actors::room::Members;
 use presence_actors::room::Occupancy;
 use presence_actors::{now_ms, protocol};
 
@@ -571,31 +573,45 @@ pub async fn room_presence(
             "limit must be 1 to 1000",
         ));
     }
-    let addr = state
-        .registry
-        .send(LookupRoom {
-            account: id.into(),
-            room: Arc::from(room.as_str()),
-        })
-        .await
-        .map_err(|_| ApiError::unavailable("registry unavailable"))?;
-    let page = match addr {
-        Some(a) => a
-            .send(HereNow {
-                after: q.cursor.clone(),
-                limit,
-            })
-            .await
-            .map_err(|_| ApiError::unavailable("room restarting"))?,
-        None => presence_actors::messages::HereNowPage {
-            room: room.clone(),
-            users: 0,
-            sessions: 0,
-            presences: json!({}),
-            next_cursor: None,
-        },
+    let (account, room): (Arc<str>, Arc<str>) = (id.into(), room.into());
+    let node = &state.engine.cluster.node;
+    // Read in place: no trip through the room's mailbox, and no wake of this worker by
+    // another thread, behind whatever the worker's WebSocket sessions are doing.
+    let view = state.rooms.get(&account, &room);
+    let in_place = view.as_ref().and_then(|v| {
+        let members = v.read();
+        members
+            .is_ready()
+            .then(|| members.here_now(&room, node, q.cursor.as_deref(), limit))
+    });
+    let body = match (in_place, view) {
+        (Some(body), _) => body,
+        // Restarted and still rebuilding from its sessions: the room answers once it has.
+        (None, Some(_)) => {
+            let addr = state
+                .registry
+                .send(LookupRoom {
+                    account,
+                    room: room.clone(),
+                })
+                .await
+                .map_err(|_| ApiError::unavailable("registry unavailable"))?;
+            match addr {
+                Some(a) => a
+                    .send(HereNow {
+                        after: q.cursor.clone(),
+                        limit,
+                    })
+                    .await
+                    .map_err(|_| ApiError::unavailable("room restarting"))?,
+                None => Members::new(true).here_now(&room, node, None, limit),
+            }
+        }
+        (None, None) => Members::new(true).here_now(&room, node, None, limit),
     };
-    Ok(HttpResponse::Ok().json(page))
+    Ok(HttpResponse::Ok()
+        .content_type(ContentType::json())
+        .body(body))
 }
 
 pub async fn user_presence(

@@ -28,6 +28,8 @@ const MAX_JSON_BODY: usize = 64 * 1024;
 /// What every handler may reach. Cheap to clone: everything is shared.
 pub struct AppState {
     pub registry: Addr<Registry>,
+    /// Live rooms' members, read in place by here-now.
+    pub rooms: presence_actors::view::RoomDirectory,
     pub store: Store,
     pub keys: ServerKeys,
     pub keyring: KeyRing,

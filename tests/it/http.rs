@@ -639,6 +639,58 @@ async fn a_rooms_here_now_pages_through_every_user_exactly_once() {
 }
 
 #[actix_web::test]
+async fn here_now_shows_each_session_on_its_node_and_forgets_a_room_once_it_stops() {
+    let app = spawn_app().await;
+    let acc = app.create_account("Acme").await;
+    let mut ann = app.connect(&app.user_token(&acc, "ann")).await;
+    // A client field named like the server's own is shown as the server says.
+    ann.join_ok(
+        "room:brief",
+        json!({"status": "online", "meta": {"node": "spoofed", "device": "web"}}),
+    )
+    .await;
+    let path = format!("/api/v1/accounts/{}/rooms/brief/presence", acc.id);
+    let (status, v) = app.get(&path, &app.admin_token).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        (
+            v["room"].as_str(),
+            v["users"].as_u64(),
+            v["sessions"].as_u64()
+        ),
+        (Some("brief"), Some(1), Some(1)),
+        "{v}"
+    );
+    let meta = &v["presences"]["ann"]["metas"][0];
+    assert_eq!(meta["node"], app.state.engine.cluster.node.as_ref(), "{v}");
+    assert_eq!(meta["device"], "web", "{v}");
+    assert_eq!(meta["status"], "online", "{v}");
+    assert!(meta["phx_ref"].is_string(), "{v}");
+
+    // An update is read at once: the reply to the push means the room has applied it.
+    let r = ann
+        .push("2", "room:brief", "status", json!({"status": "away"}))
+        .await;
+    assert_eq!(ann.expect_reply(&r).await["status"], "ok");
+    let (_, v) = app.get(&path, &app.admin_token).await;
+    assert_eq!(v["presences"]["ann"]["metas"][0]["status"], "away", "{v}");
+
+    // Empty, the room stops after `room_idle_ms`; nothing of it is left to read.
+    let r = ann.push("3", "room:brief", "phx_leave", json!({})).await;
+    assert_eq!(ann.expect_reply(&r).await["status"], "ok");
+    metric_becomes(&app, "presenced_rooms", 0.0).await;
+    assert!(app
+        .state
+        .rooms
+        .get(&acc.id.as_str().into(), &"brief".into())
+        .is_none());
+    let (status, v) = app.get(&path, &app.admin_token).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["users"], 0, "{v}");
+    assert!(keys_of(&v["presences"]).is_empty(), "{v}");
+}
+
+#[actix_web::test]
 async fn a_page_limit_out_of_range_or_an_invalid_room_name_is_a_400() {
     let app = spawn_app().await;
     let acc = app.create_account("Acme").await;

@@ -72,6 +72,15 @@ async fn a_room_actor_that_crashes_is_rebuilt_from_live_sessions_without_any_lea
     )
     .await;
 
+    // Here-now never sees the room empty, however soon it asks: while the new room waits
+    // for its sessions' reports, the request waits for the rebuilt room.
+    let here_now = format!("/api/v1/accounts/{}/rooms/ops/presence", acc.id);
+    for _ in 0..20 {
+        let (status, v) = app.get(&here_now, &app.admin_token).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["users"], 2, "{v}");
+    }
+
     // The rebuilt room re-sends its state: the same two members with the same refs.
     for c in [&mut a, &mut b] {
         let st = c
