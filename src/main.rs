@@ -23,6 +23,20 @@ fn help() -> String {
     s
 }
 
+/// jemalloc: its per-thread caches spare the node the malloc lock that glibc's single arena
+/// (kept small for memory) made every thread wait on, and its decay gives a connect storm's
+/// garbage back to the kernel by itself (BENCHMARKS.md, "Allocator").
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// One arena (the thread caches take the contention), dirty pages returned within a second
+/// by a background thread, so an idle node's RSS follows its live heap. `_RJEM_MALLOC_CONF`
+/// in the environment overrides these.
+#[allow(non_upper_case_globals, unsafe_code)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static malloc_conf: &[u8] =
+    b"narenas:1,dirty_decay_ms:1000,muzzy_decay_ms:0,background_thread:true\0";
+
 fn main() -> ExitCode {
     presenced::app::memory::one_arena();
     let mut args = std::env::args().skip(1).peekable();
