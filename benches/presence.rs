@@ -241,7 +241,7 @@ fn bench_state(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("serialize", n), |b| {
             b.iter(|| black_box(serde_json::to_vec(&set.state()).expect("json")))
         });
-        g.bench_function(BenchmarkId::new("frame", n), |b| {
+        g.bench_function(BenchmarkId::new("frame via serde", n), |b| {
             b.iter(|| {
                 black_box(protocol::broadcast(
                     "room:bench",
@@ -249,6 +249,10 @@ fn bench_state(c: &mut Criterion) {
                     &set.state(),
                 ))
             })
+        });
+        // What rooms send: the same bytes, written by hand into a buffer sized up front.
+        g.bench_function(BenchmarkId::new("frame", n), |b| {
+            b.iter(|| black_box(set.state_frame("room:bench")))
         });
     }
     let bytes = protocol::broadcast("room:bench", "presence_state", &room_of(10_000).state()).len();

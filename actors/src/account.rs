@@ -258,7 +258,7 @@ impl AccountActor {
     }
 
     fn state_frame(&self) -> ByteString {
-        protocol::broadcast(&self.topic, "presence_state", &self.presence.state())
+        self.presence.state_frame(&self.topic)
     }
 
     fn schedule_expiry(&mut self, ctx: &mut Context<Self>, until: i64) {

@@ -50,10 +50,10 @@ impl fmt::Display for Ref {
     }
 }
 
-impl Serialize for Ref {
+impl Ref {
     /// Lowercase hex without leading zeros, as `Display`, without the formatting machinery:
-    /// every `presence_state` writes one per meta.
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+    /// every `presence_state` writes one per meta. Returns the buffer and where the digits start.
+    fn hex(self) -> ([u8; 16], usize) {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut buf = [0u8; 16];
         let mut i = buf.len();
@@ -66,6 +66,21 @@ impl Serialize for Ref {
                 break;
             }
         }
+        (buf, i)
+    }
+
+    /// `"<hex>"` (hex digits need no escaping).
+    fn write_json(self, out: &mut Vec<u8>) {
+        let (buf, i) = self.hex();
+        out.push(b'"');
+        out.extend_from_slice(&buf[i..]);
+        out.push(b'"');
+    }
+}
+
+impl Serialize for Ref {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let (buf, i) = self.hex();
         s.serialize_str(std::str::from_utf8(&buf[i..]).expect("hex digits are ASCII"))
     }
 }
@@ -140,6 +155,58 @@ impl Meta {
             }
         }
         Ok(())
+    }
+}
+
+impl Meta {
+    /// The meta as JSON, the same as its `Serialize` gives, written by hand: the server's own
+    /// keys go out as they are, only strings that came from clients are escaped. This is the
+    /// inner loop of every `presence_state` (BENCHMARKS.md, connect profile).
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"phx_ref\":");
+        self.phx_ref.write_json(out);
+        if let Some(prev) = self.phx_ref_prev {
+            out.extend_from_slice(b",\"phx_ref_prev\":");
+            prev.write_json(out);
+        }
+        out.extend_from_slice(b",\"status\":");
+        write_json_str(out, &self.status);
+        out.extend_from_slice(b",\"online_at\":");
+        write_json_value(out, &self.online_at);
+        for (k, v) in self.fields.iter() {
+            if !RESERVED_META_KEYS.contains(&k.as_str()) {
+                out.push(b',');
+                write_json_str(out, k);
+                out.push(b':');
+                match v {
+                    Value::String(v) => write_json_str(out, v),
+                    v => write_json_value(out, v),
+                }
+            }
+        }
+        out.push(b'}');
+    }
+}
+
+/// One JSON value into `out`. Writing strings, integers and `Value`s into a `Vec` cannot fail.
+fn write_json_value<T: Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) {
+    let _ = serde_json::to_writer(&mut *out, v);
+}
+
+/// A JSON string into `out`: copied as it is when nothing in it needs escaping (names, ids,
+/// statuses nearly always), escaped by serde_json otherwise. The check is one pass the
+/// compiler vectorises; serde_json's escaper goes byte by byte.
+fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    let clean = s
+        .bytes()
+        .fold(true, |ok, b| ok & (b >= 0x20) & (b != b'"') & (b != b'\\'));
+    if clean {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        write_json_value(out, s);
     }
 }
 
@@ -690,6 +757,14 @@ impl PresenceSet {
     pub fn state(&self) -> State<'_> {
         State(self)
     }
+
+    /// `presence_state` as a ready frame on `topic` (refs null: the same bytes suit any member).
+    pub fn state_frame(&self, topic: &str) -> bytestring::ByteString {
+        let state = self.state();
+        crate::protocol::broadcast_written(topic, "presence_state", state.size_hint(), |out| {
+            state.write_json(out)
+        })
+    }
 }
 
 /// Adds a live (non-ghost) entry to a key's metas. Most users have one session in a topic: the
@@ -718,6 +793,33 @@ impl KeyedMut for BTreeMap<Key, Vec<Entry>> {
 
 /// `presence_state` payload: `{"<key>": {"metas": [...]}}`.
 pub struct State<'a>(&'a PresenceSet);
+
+impl State<'_> {
+    /// The payload as JSON into `out`, the same as `Serialize` gives, by hand (`Meta::write_json`).
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        out.push(b'{');
+        for (i, (k, v)) in self.0.entries.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_json_str(out, k);
+            out.extend_from_slice(b":{\"metas\":[");
+            for (j, e) in v.iter().enumerate() {
+                if j > 0 {
+                    out.push(b',');
+                }
+                e.meta.write_json(out);
+            }
+            out.extend_from_slice(b"]}");
+        }
+        out.push(b'}');
+    }
+
+    /// A size to reserve for `write_json`, so a big state is not copied as it grows.
+    pub fn size_hint(&self) -> usize {
+        2 + self.0.entries.len() * 24 + self.0.metas * 112
+    }
+}
 
 impl Serialize for State<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {

@@ -193,6 +193,28 @@ pub fn broadcast<P: Serialize + ?Sized>(topic: &str, event: &str, payload: &P) -
     encode(&Value::Null, &Value::Null, topic, event, payload)
 }
 
+/// `broadcast` of a payload that writes itself as JSON (`presence::State::write_json`), into
+/// a buffer of the size it says it needs.
+pub fn broadcast_written(
+    topic: &str,
+    event: &str,
+    size_hint: usize,
+    payload: impl FnOnce(&mut Vec<u8>),
+) -> ByteString {
+    let mut out = Vec::with_capacity(size_hint + topic.len() + event.len() + 24);
+    out.extend_from_slice(b"[null,null,");
+    let _ = serde_json::to_writer(&mut out, topic);
+    out.push(b',');
+    let _ = serde_json::to_writer(&mut out, event);
+    out.push(b',');
+    payload(&mut out);
+    out.push(b']');
+    match String::from_utf8(out) {
+        Ok(s) => s.into(),
+        Err(_) => ByteString::from_static("[null,null,\"phoenix\",\"phx_error\",{}]"),
+    }
+}
+
 #[derive(Serialize)]
 struct ReplyBody<'a, R: Serialize + ?Sized> {
     status: &'a str,

@@ -303,11 +303,7 @@ impl RoomActor {
 
     /// `presence_state` as a ready frame (refs null: the same bytes suit any member).
     fn state_frame(&self) -> ByteString {
-        protocol::broadcast(
-            &self.topic,
-            "presence_state",
-            &self.members.read().presence.state(),
-        )
+        self.members.read().presence.state_frame(&self.topic)
     }
 
     fn schedule_expiry(&mut self, ctx: &mut Context<Self>, until: i64) {

@@ -22,6 +22,44 @@ fn json<T: Serialize>(t: &T) -> Value {
     serde_json::to_value(t).unwrap()
 }
 
+/// The hand-written `presence_state` frame is, byte for byte, what serde writes.
+fn assert_state_written_as_serialised(set: &PresenceSet) {
+    let frame = set.state_frame("room:t");
+    let serialised = crate::protocol::broadcast("room:t", "presence_state", &set.state());
+    assert_eq!(&*frame, &*serialised);
+    let v: Value = serde_json::from_str(&frame).expect("the frame is JSON");
+    assert_eq!(v[4], json(&set.state()));
+}
+
+#[test]
+fn the_written_state_frame_is_the_serialised_one_whatever_the_strings() {
+    let mut set = PresenceSet::new();
+    assert_state_written_as_serialised(&set);
+    let mut fields = Map::new();
+    fields.insert(
+        "name".into(),
+        Value::from("Zoë \"quoted\" \\ back\nslash\u{1}"),
+    );
+    fields.insert(
+        "tags".into(),
+        serde_json::json!(["a", {"nested": [1, 2.5, null, true]}]),
+    );
+    fields.insert("emoji🙂".into(), Value::from("🙂"));
+    let tricky = Arrival {
+        fields: Arc::new(fields),
+        ..arrival(1, "busy \"now\"\t", Some("web"))
+    };
+    set.join(&key("ann \"the\" first"), tricky, Ref(0x1f));
+    set.join(&key("bob"), arrival(2, "online", None), Ref(u64::MAX));
+    set.join(&key("bob"), arrival(3, "away", Some("phone")), Ref(0));
+    // An update: the meta carries phx_ref_prev.
+    set.update("bob", SessionId(2), Some("away".into()), None, Ref(0xabc))
+        .expect("bob is there");
+    // A ghost is in the state like any meta.
+    set.leave("bob", SessionId(3), Departure::Grace { until: 5_000 });
+    assert_state_written_as_serialised(&set);
+}
+
 fn client_from(set: &PresenceSet) -> ClientState {
     let mut c = ClientState::new();
     let state = json(&set.state());
@@ -409,6 +447,7 @@ proptest! {
                     pending_n = 0;
                     let state = json(&set.state());
                     sync_state(&mut client, state.as_object().unwrap());
+                    assert_state_written_as_serialised(&set);
                     Diff::default()
                 }
             };
