@@ -267,6 +267,26 @@ async fn users_on_three_nodes_share_rooms_devices_updates_broadcasts_and_kicks()
             app.http
         );
         assert!(seen.contains_key("watcher"));
+        // Each meta names the node its session is on, read from the room's mirror of the
+        // other nodes' entries.
+        let (_, v) = app
+            .get(
+                &format!("/api/v1/accounts/{}/rooms/lobby/presence", acc.id),
+                &app.admin_token,
+            )
+            .await;
+        let nodes: BTreeSet<String> = v["presences"]["ann"]["metas"]
+            .as_array()
+            .unwrap_or_else(|| panic!("ann in {v}"))
+            .iter()
+            .map(|m| m["node"].as_str().unwrap_or_default().to_string())
+            .collect();
+        assert_eq!(
+            nodes,
+            BTreeSet::from(["b".to_string(), "c".to_string()]),
+            "on {}: {v}",
+            app.http
+        );
     }
     let (st, wn) = a
         .get(
