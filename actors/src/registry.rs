@@ -101,13 +101,6 @@ pub struct LookupAccount {
     pub account: Arc<str>,
 }
 
-/// The live rooms of an account.
-#[derive(Message)]
-#[rtype(result = "Vec<(Arc<str>, Addr<RoomActor>)>")]
-pub struct ListRooms {
-    pub account: Arc<str>,
-}
-
 /// An idle room asks to stop; `true` means it was removed and may stop.
 #[derive(Message)]
 #[rtype(result = "bool")]
@@ -495,21 +488,6 @@ impl Handler<ResolveAccount> for Registry {
             return Err(Reason::ServerShutdown);
         }
         Ok(self.ensure_account(&msg.account, ctx.address()))
-    }
-}
-
-impl Handler<ListRooms> for Registry {
-    type Result = MessageResult<ListRooms>;
-
-    fn handle(&mut self, msg: ListRooms, _: &mut Context<Self>) -> Self::Result {
-        let mut rooms: Vec<(Arc<str>, Addr<RoomActor>)> = self
-            .rooms
-            .iter()
-            .filter(|((a, _), _)| *a == msg.account)
-            .map(|((_, r), s)| (r.clone(), s.addr.clone()))
-            .collect();
-        rooms.sort_by(|a, b| a.0.cmp(&b.0));
-        MessageResult(rooms)
     }
 }
 

@@ -8,7 +8,7 @@
 //! once, instead of after the fan-out and after every other message in front of it, and the
 //! reply needs no second wake of the (busy) HTTP worker.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::room::Members;
@@ -38,34 +38,50 @@ impl<T> Clone for View<T> {
     }
 }
 
-/// A room as the directory names it: `(account, room)`.
-type RoomKey = (Arc<str>, Arc<str>);
+/// The rooms of one account by name, in name order.
+type AccountRooms = BTreeMap<Arc<str>, View<Members>>;
 
-/// The live rooms' views by `(account, room)`, kept by the registry: inserted when it starts a
+/// The live rooms' views by account and name, kept by the registry: inserted when it starts a
 /// room, replaced when a room is restarted, removed when the room stops.
 #[derive(Clone, Default)]
-pub struct RoomDirectory(Arc<RwLock<HashMap<RoomKey, View<Members>>>>);
+pub struct RoomDirectory(Arc<RwLock<HashMap<Arc<str>, AccountRooms>>>);
 
 impl RoomDirectory {
-    pub fn get(&self, account: &Arc<str>, room: &Arc<str>) -> Option<View<Members>> {
+    pub fn get(&self, account: &str, room: &str) -> Option<View<Members>> {
         self.0
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .get(&(account.clone(), room.clone()))
+            .get(account)?
+            .get(room)
             .cloned()
+    }
+
+    /// The account's live rooms, in name order.
+    pub fn of_account(&self, account: &str) -> Vec<(Arc<str>, View<Members>)> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(account)
+            .map(|rooms| rooms.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
     }
 
     pub(crate) fn insert(&self, account: Arc<str>, room: Arc<str>, view: View<Members>) {
         self.0
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert((account, room), view);
+            .entry(account)
+            .or_default()
+            .insert(room, view);
     }
 
-    pub(crate) fn remove(&self, account: &Arc<str>, room: &Arc<str>) {
-        self.0
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&(account.clone(), room.clone()));
+    pub(crate) fn remove(&self, account: &str, room: &str) {
+        let mut map = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(rooms) = map.get_mut(account) {
+            rooms.remove(room);
+            if rooms.is_empty() {
+                map.remove(account);
+            }
+        }
     }
 }

@@ -12,9 +12,7 @@ use serde_json::{json, Value};
 use presence_actors::account::{AccountHereNow, Counts, SessionNode, WhereNow};
 use presence_actors::messages::HereNow;
 use presence_actors::presence::SessionId;
-use presence_actors::registry::{
-    KickSession, ListRooms, LookupAccount, LookupRoom, ResolveAccount,
-};
+use presence_actors::registry::{KickSession, LookupAccount, LookupRoom, ResolveAccount};
 use presence_actors::room::Members;
 use presence_actors::room::Occupancy;
 use presence_actors::{now_ms, protocol};
@@ -526,24 +524,38 @@ pub async fn list_rooms(
     Ok(HttpResponse::Ok().json(json!({ "account": id, "rooms": out, "totals": counts })))
 }
 
-/// Every live room of an account with its users and sessions.
+/// Every live room of an account with its users and sessions, in name order. Read in place
+/// (see `room_presence`); a room still being rebuilt after a crash is asked, and answers once
+/// it is.
 async fn room_occupancy(state: &Data, id: &str) -> Result<Vec<Value>, ApiError> {
-    let rooms = state
-        .registry
-        .send(ListRooms { account: id.into() })
-        .await
-        .map_err(|_| ApiError::unavailable("registry unavailable"))?;
-    // Rooms live on several arbiters: ask them all at once, not one round trip after another.
-    let answers =
-        futures_util::future::join_all(rooms.iter().map(|(_, a)| a.send(Occupancy))).await;
-    Ok(rooms
-        .iter()
-        .zip(answers)
-        .filter_map(|((name, _), a)| {
-            let (users, sessions) = a.ok()?;
-            Some(json!({ "room": &**name, "users": users, "sessions": sessions }))
-        })
-        .collect())
+    let mut out = Vec::new();
+    for (name, view) in state.rooms.of_account(id) {
+        let in_place = {
+            let members = view.read();
+            members.is_ready().then(|| members.counts())
+        };
+        let counts = match in_place {
+            Some(c) => Some(c),
+            None => {
+                let addr = state
+                    .registry
+                    .send(LookupRoom {
+                        account: id.into(),
+                        room: name.clone(),
+                    })
+                    .await
+                    .map_err(|_| ApiError::unavailable("registry unavailable"))?;
+                match addr {
+                    Some(a) => a.send(Occupancy).await.ok(),
+                    None => None,
+                }
+            }
+        };
+        if let Some((users, sessions)) = counts {
+            out.push(json!({ "room": &*name, "users": users, "sessions": sessions }));
+        }
+    }
+    Ok(out)
 }
 
 #[derive(Deserialize)]

@@ -679,11 +679,7 @@ async fn here_now_shows_each_session_on_its_node_and_forgets_a_room_once_it_stop
     let r = ann.push("3", "room:brief", "phx_leave", json!({})).await;
     assert_eq!(ann.expect_reply(&r).await["status"], "ok");
     metric_becomes(&app, "presenced_rooms", 0.0).await;
-    assert!(app
-        .state
-        .rooms
-        .get(&acc.id.as_str().into(), &"brief".into())
-        .is_none());
+    assert!(app.state.rooms.get(acc.id.as_str(), "brief").is_none());
     let (status, v) = app.get(&path, &app.admin_token).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["users"], 0, "{v}");
@@ -794,10 +790,16 @@ async fn where_now_shows_an_online_users_rooms_and_sessions_and_an_unknown_user_
 }
 
 #[actix_web::test]
-async fn the_room_list_shows_the_hall_with_its_five_users() {
+async fn the_room_list_shows_the_accounts_rooms_in_name_order_with_their_users() {
     let app = spawn_app().await;
     let acc = app.create_account("Acme").await;
     let _clients = fill_hall(&app, &acc).await;
+    let mut ann = app.connect(&app.user_token(&acc, "u1")).await;
+    ann.join_ok("room:atrium", json!({})).await;
+    // Another account's room of the same name is not listed.
+    let other = app.create_account("Other").await;
+    let mut eve = app.connect(&app.user_token(&other, "eve")).await;
+    eve.join_ok("room:atrium", json!({})).await;
     let (status, v) = app
         .get(
             &format!("/api/v1/accounts/{}/rooms", acc.id),
@@ -806,10 +808,17 @@ async fn the_room_list_shows_the_hall_with_its_five_users() {
         .await;
     assert_eq!(status, 200, "{v}");
     let rooms = v["rooms"].as_array().expect("rooms");
-    assert_eq!(rooms.len(), 1, "{v}");
-    assert_eq!(rooms[0]["room"], "hall");
-    assert_eq!(rooms[0]["users"], 5, "{v}");
-    assert_eq!(rooms[0]["sessions"], 5, "{v}");
+    assert_eq!(rooms.len(), 2, "{v}");
+    assert_eq!(
+        (&rooms[0]["room"], &rooms[0]["users"], &rooms[0]["sessions"]),
+        (&json!("atrium"), &json!(1), &json!(1)),
+        "{v}"
+    );
+    assert_eq!(
+        (&rooms[1]["room"], &rooms[1]["users"], &rooms[1]["sessions"]),
+        (&json!("hall"), &json!(5), &json!(5)),
+        "{v}"
+    );
 }
 
 // ---- 5. kick ----
