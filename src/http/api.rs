@@ -585,11 +585,10 @@ pub async fn room_presence(
             "limit must be 1 to 1000",
         ));
     }
-    let (account, room): (Arc<str>, Arc<str>) = (id.into(), room.into());
     let node = &state.engine.cluster.node;
     // Read in place: no trip through the room's mailbox, and no wake of this worker by
     // another thread, behind whatever the worker's WebSocket sessions are doing.
-    let view = state.rooms.get(&account, &room);
+    let view = state.rooms.get(&id, &room);
     let in_place = view.as_ref().and_then(|v| {
         let members = v.read();
         members
@@ -603,8 +602,8 @@ pub async fn room_presence(
             let addr = state
                 .registry
                 .send(LookupRoom {
-                    account,
-                    room: room.clone(),
+                    account: id.into(),
+                    room: room.as_str().into(),
                 })
                 .await
                 .map_err(|_| ApiError::unavailable("registry unavailable"))?;
