@@ -126,13 +126,14 @@ fn is_ref(v: &Value) -> bool {
 
 /// Decodes one text frame. `max_bytes` is the application limit; frames over it are refused
 /// with `frame_too_large` but still parsed (up to the transport's hard cap) to echo their ref.
-pub fn decode(text: &str, max_bytes: usize) -> Result<InFrame, FrameError> {
+/// The error is boxed: it carries two JSON values, 80 bytes each with `preserve_order`.
+pub fn decode(text: &str, max_bytes: usize) -> Result<InFrame, Box<FrameError>> {
     let parsed: Result<Value, _> = serde_json::from_str(text);
     let too_large = text.len() > max_bytes;
     let arr = match parsed {
         Ok(Value::Array(a)) => a,
-        _ if too_large => return Err(FrameError::new(Reason::FrameTooLarge)),
-        _ => return Err(FrameError::new(Reason::MalformedFrame)),
+        _ if too_large => return Err(Box::new(FrameError::new(Reason::FrameTooLarge))),
+        _ => return Err(Box::new(FrameError::new(Reason::MalformedFrame))),
     };
     let mut err = FrameError::new(if too_large {
         Reason::FrameTooLarge
@@ -152,16 +153,16 @@ pub fn decode(text: &str, max_bytes: usize) -> Result<InFrame, FrameError> {
         }
     }
     if too_large || arr.len() != 5 {
-        return Err(err);
+        return Err(Box::new(err));
     }
     let mut it = arr.into_iter();
     let join_ref = it.next().unwrap_or(Value::Null);
     let msg_ref = it.next().unwrap_or(Value::Null);
     let (Some(Value::String(topic)), Some(Value::String(event))) = (it.next(), it.next()) else {
-        return Err(err);
+        return Err(Box::new(err));
     };
     if !is_ref(&join_ref) || !is_ref(&msg_ref) {
-        return Err(err);
+        return Err(Box::new(err));
     }
     let payload = it.next().unwrap_or(Value::Null);
     Ok(InFrame {
