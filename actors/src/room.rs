@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 
 use crate::cluster::{Change, RemoteChanges, Remotes, Request, Scope};
 use crate::config::EngineConfig;
-use crate::fanout::{Fanout, Subscriber};
+use crate::fanout::{Dropped, Fanout, Subscriber};
 use crate::messages::{Broadcast, Crash, HereNow, Join, Joined, Leave, RoomMembership, SetStatus};
 use crate::metrics::Metrics;
 use crate::now_ms;
@@ -262,35 +262,37 @@ impl RoomActor {
             self.metrics.diffs.inc();
             let frame = protocol::broadcast(&self.topic, "presence_diff", &diff);
             let dropped = self.subs.send(&frame, except, &self.topic, &self.metrics);
-            diff = Diff::default();
-            let until = now_ms() + self.cfg.grace_ms as i64;
-            for d in dropped.into_iter().filter(|d| d.slow) {
-                // A slow consumer is disconnected; it leaves like any dropped session, so a
-                // prompt reconnect is seamless.
-                diff.merge(self.members.write().presence.leave(
-                    &d.user,
-                    d.session,
-                    Departure::Grace { until },
-                ));
-                self.expiry_due = Some(self.expiry_due.map_or(until, |t| t.min(until)));
-            }
+            diff = self.slow_ones_leave(dropped);
         }
+    }
+
+    /// Members cut off as slow consumers leave like any dropped session, with grace, so a
+    /// prompt reconnect is seamless. Their leaves, to emit.
+    fn slow_ones_leave(&mut self, dropped: Vec<Dropped>) -> Diff {
+        let mut diff = Diff::default();
+        let mut slow = dropped.into_iter().filter(|d| d.slow).peekable();
+        if slow.peek().is_none() {
+            return diff;
+        }
+        let until = now_ms() + self.cfg.grace_ms as i64;
+        let mut members = self.members.write();
+        for d in slow {
+            diff.merge(
+                members
+                    .presence
+                    .leave(&d.user, d.session, Departure::Grace { until }),
+            );
+        }
+        drop(members);
+        self.expiry_due = Some(self.expiry_due.map_or(until, |t| t.min(until)));
+        diff
     }
 
     /// Sends a non-presence frame (a broadcast) to every member but `except`; members that
     /// cannot take it are cut off as slow consumers and leave with grace.
     fn relay(&mut self, frame: &ByteString, except: Option<crate::presence::SessionId>) {
         let dropped = self.subs.send(frame, except, &self.topic, &self.metrics);
-        let until = now_ms() + self.cfg.grace_ms as i64;
-        let mut diff = Diff::default();
-        for d in dropped.into_iter().filter(|d| d.slow) {
-            diff.merge(self.members.write().presence.leave(
-                &d.user,
-                d.session,
-                Departure::Grace { until },
-            ));
-            self.expiry_due = Some(self.expiry_due.map_or(until, |t| t.min(until)));
-        }
+        let diff = self.slow_ones_leave(dropped);
         self.emit(diff, None);
     }
 
