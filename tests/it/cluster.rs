@@ -92,6 +92,34 @@ async fn node(name: &str, db: &std::path::Path, redis: &str, prefix: &str, t: &T
     .await
 }
 
+/// One test's cluster: Redis keys under a prefix of its own (deleted when the test ends, after
+/// its nodes) and a database directory its nodes share.
+struct Cluster {
+    redis: String,
+    prefix: String,
+    db: tempfile::TempDir,
+    _cleanup: Cleanup,
+}
+
+impl Cluster {
+    /// `None` when Redis is down outside CI (the test is skipped; under CI it fails).
+    fn start() -> Option<Cluster> {
+        let redis = redis_url()?;
+        let prefix = unique_prefix();
+        Some(Cluster {
+            _cleanup: Cleanup(prefix.clone()),
+            redis,
+            prefix,
+            db: tempfile::tempdir().unwrap(),
+        })
+    }
+
+    /// A node of this cluster, in-process.
+    async fn node(&self, name: &str, t: &Timing) -> TestApp {
+        node(name, self.db.path(), &self.redis, &self.prefix, t).await
+    }
+}
+
 /// A client's view of one topic, kept as phoenix.js keeps it.
 struct View {
     ws: WsClient,
@@ -178,13 +206,10 @@ async fn here_now(app: &TestApp, acc: &str, room: &str) -> BTreeMap<String, Vec<
 
 #[actix_web::test]
 async fn users_on_three_nodes_share_rooms_devices_updates_broadcasts_and_kicks() {
-    let Some(redis) = redis_url() else { return };
-    let prefix = unique_prefix();
-    let _cleanup = Cleanup(prefix.clone());
-    let db = tempfile::tempdir().unwrap();
-    let a = node("a", db.path(), &redis, &prefix, &FAST).await;
-    let b = node("b", db.path(), &redis, &prefix, &FAST).await;
-    let c = node("c", db.path(), &redis, &prefix, &FAST).await;
+    let Some(cl) = Cluster::start() else { return };
+    let a = cl.node("a", &FAST).await;
+    let b = cl.node("b", &FAST).await;
+    let c = cl.node("c", &FAST).await;
     let acc = a.create_account("acme").await;
 
     let mut obs = View::join(
@@ -422,14 +447,11 @@ fn leaves_with_reason<'a>(diffs: &[&'a Value], user: &str) -> Vec<&'a Value> {
 
 #[actix_web::test]
 async fn a_killed_nodes_users_leave_every_other_node_once_with_node_down() {
-    let Some(redis) = redis_url() else { return };
-    let prefix = unique_prefix();
-    let _cleanup = Cleanup(prefix.clone());
-    let db = tempfile::tempdir().unwrap();
-    let a = node("a", db.path(), &redis, &prefix, &FAST).await;
-    let c = node("c", db.path(), &redis, &prefix, &FAST).await;
+    let Some(cl) = Cluster::start() else { return };
+    let a = cl.node("a", &FAST).await;
+    let c = cl.node("c", &FAST).await;
     let acc = a.create_account("acme").await;
-    let mut b = child_node(free_port(), "b", db.path(), &redis, &prefix, &FAST);
+    let mut b = child_node(free_port(), "b", cl.db.path(), &cl.redis, &cl.prefix, &FAST);
     b.ready().await;
 
     let mut on_a = View::join(
@@ -501,19 +523,16 @@ async fn a_killed_nodes_users_leave_every_other_node_once_with_node_down() {
 
 #[actix_web::test]
 async fn a_node_restarted_within_its_lease_takes_its_users_back_without_a_flap() {
-    let Some(redis) = redis_url() else { return };
-    let prefix = unique_prefix();
-    let _cleanup = Cleanup(prefix.clone());
-    let db = tempfile::tempdir().unwrap();
+    let Some(cl) = Cluster::start() else { return };
     // A TTL and grace long enough to cover a child's restart on a busy machine.
     let slow = Timing {
         ttl_ms: 20_000,
         grace_ms: 15_000,
     };
-    let a = node("a", db.path(), &redis, &prefix, &slow).await;
+    let a = cl.node("a", &slow).await;
     let acc = a.create_account("acme").await;
     let port = free_port();
-    let mut b = child_node(port, "b", db.path(), &redis, &prefix, &slow);
+    let mut b = child_node(port, "b", cl.db.path(), &cl.redis, &cl.prefix, &slow);
     b.ready().await;
     let mut on_a = View::join(
         a.connect(&a.user_token(&acc, "wa")).await,
@@ -535,7 +554,7 @@ async fn a_node_restarted_within_its_lease_takes_its_users_back_without_a_flap()
 
     b.kill9();
     drop(bob);
-    let b = child_node(port, "b", db.path(), &redis, &prefix, &slow);
+    let b = child_node(port, "b", cl.db.path(), &cl.redis, &cl.prefix, &slow);
     b.ready().await;
     // bob's device reconnects to the restarted node, as phoenix.js would.
     let bob = View::join(
@@ -569,18 +588,15 @@ async fn a_node_restarted_within_its_lease_takes_its_users_back_without_a_flap()
 
 #[actix_web::test]
 async fn nodes_serve_alone_through_a_redis_outage_and_converge_when_it_returns() {
-    let Some(redis) = redis_url() else { return };
-    let prefix = unique_prefix();
-    let _cleanup = Cleanup(prefix.clone());
-    let db = tempfile::tempdir().unwrap();
+    let Some(cl) = Cluster::start() else { return };
     let proxy = Proxy::start(REDIS.to_string()).await;
     let via_proxy = format!("redis://127.0.0.1:{}/", proxy.port);
     let t = Timing {
         ttl_ms: 2_000,
         grace_ms: 300,
     };
-    let a = node("a", db.path(), &redis, &prefix, &t).await;
-    let b = node("b", db.path(), &via_proxy, &prefix, &t).await;
+    let a = cl.node("a", &t).await;
+    let b = node("b", cl.db.path(), &via_proxy, &cl.prefix, &t).await;
     let acc = a.create_account("acme").await;
     let mut on_a = View::join(
         a.connect(&a.user_token(&acc, "wa")).await,
@@ -604,12 +620,12 @@ async fn nodes_serve_alone_through_a_redis_outage_and_converge_when_it_returns()
         (st == 503 && v["redis"]["status"] == "down").then_some(())
     })
     .await;
-    let mut conn = redis::Client::open(redis.as_str())
+    let mut conn = redis::Client::open(cl.redis.as_str())
         .and_then(|c| c.get_connection())
         .expect("a direct Redis connection");
     let _: () = redis::cmd("DEL")
-        .arg(format!("{prefix}:state:b"))
-        .arg(format!("{prefix}:lease:b"))
+        .arg(format!("{}:state:b", cl.prefix))
+        .arg(format!("{}:lease:b", cl.prefix))
         .query(&mut conn)
         .expect("DEL");
 
@@ -658,20 +674,17 @@ async fn nodes_serve_alone_through_a_redis_outage_and_converge_when_it_returns()
 /// replay one).
 #[actix_web::test]
 async fn random_operations_on_random_nodes_converge_to_the_same_presence_everywhere() {
-    let Some(redis) = redis_url() else { return };
+    let Some(cl) = Cluster::start() else { return };
     let seed: u64 = std::env::var("CLUSTER_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(rand::random);
     eprintln!("cluster convergence seed: {seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let prefix = unique_prefix();
-    let _cleanup = Cleanup(prefix.clone());
-    let db = tempfile::tempdir().unwrap();
     let nodes = [
-        node("a", db.path(), &redis, &prefix, &FAST).await,
-        node("b", db.path(), &redis, &prefix, &FAST).await,
-        node("c", db.path(), &redis, &prefix, &FAST).await,
+        cl.node("a", &FAST).await,
+        cl.node("b", &FAST).await,
+        cl.node("c", &FAST).await,
     ];
     let acc = nodes[0].create_account("acme").await;
     const ROOMS: [&str; 3] = ["r0", "r1", "r2"];
@@ -762,12 +775,9 @@ async fn random_operations_on_random_nodes_converge_to_the_same_presence_everywh
 /// notices its lease gone at its next heartbeat and rewrites its state; nobody flaps.
 #[actix_web::test]
 async fn keys_lost_under_live_connections_are_rewritten_without_a_flap() {
-    let Some(redis) = redis_url() else { return };
-    let prefix = unique_prefix();
-    let _cleanup = Cleanup(prefix.clone());
-    let db = tempfile::tempdir().unwrap();
-    let a = node("a", db.path(), &redis, &prefix, &FAST).await;
-    let b = node("b", db.path(), &redis, &prefix, &FAST).await;
+    let Some(cl) = Cluster::start() else { return };
+    let a = cl.node("a", &FAST).await;
+    let b = cl.node("b", &FAST).await;
     let acc = a.create_account("acme").await;
     let mut on_a = View::join(
         a.connect(&a.user_token(&acc, "wa")).await,
@@ -785,11 +795,11 @@ async fn keys_lost_under_live_connections_are_rewritten_without_a_flap() {
     on_b.until("wa", |s| s.contains_key("wa")).await;
     let marks = (on_a.ws.seen.len(), on_b.ws.seen.len());
 
-    delete_keys(&prefix);
-    let client = redis::Client::open(redis.as_str()).unwrap();
+    delete_keys(&cl.prefix);
+    let client = redis::Client::open(cl.redis.as_str()).unwrap();
     eventually("both states rewritten", || {
         let client = client.clone();
-        let prefix = prefix.clone();
+        let prefix = cl.prefix.clone();
         async move {
             let mut c = client.get_connection().ok()?;
             let seqs: Vec<Option<String>> = ["a", "b"]
