@@ -654,18 +654,28 @@ impl Driver {
         Ok(())
     }
 
-    /// Reads every live peer's state.
-    async fn load_peers(&mut self, conn: &mut MultiplexedConnection) -> Result<(), Failure> {
+    /// The other nodes in the cluster's member set (one command, counted).
+    async fn other_members(
+        &self,
+        conn: &mut MultiplexedConnection,
+    ) -> Result<Vec<NodeId>, Failure> {
         let members: Vec<String> = redis::cmd("SMEMBERS")
             .arg(self.cfg.nodes_key())
             .query_async(conn)
             .await
             .map_err(|e| e.to_string())?;
         self.status.metrics.commands.inc();
-        for n in members {
-            if *n != *self.cfg.node {
-                self.resync(conn, &n.as_str().into(), "reconnect").await?;
-            }
+        Ok(members
+            .iter()
+            .filter(|n| **n != *self.cfg.node)
+            .map(|n| n.as_str().into())
+            .collect())
+    }
+
+    /// Reads every live peer's state.
+    async fn load_peers(&mut self, conn: &mut MultiplexedConnection) -> Result<(), Failure> {
+        for n in self.other_members(conn).await? {
+            self.resync(conn, &n, "reconnect").await?;
         }
         self.publish_status();
         Ok(())
@@ -805,23 +815,13 @@ impl Driver {
     /// Leases and sequence numbers of every peer, in one round trip: the dead go, the
     /// restarted and the lagging are reloaded.
     async fn check(&mut self, conn: &mut MultiplexedConnection) -> Result<(), Failure> {
-        let members: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(self.cfg.nodes_key())
-            .query_async(conn)
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut names: Vec<NodeId> = members
-            .iter()
-            .filter(|n| **n != *self.cfg.node)
-            .map(|n| n.as_str().into())
-            .collect();
+        let mut names = self.other_members(conn).await?;
         for n in self.peers.keys() {
             if !names.contains(n) {
                 names.push(n.clone());
             }
         }
         if names.is_empty() {
-            self.status.metrics.commands.inc();
             self.publish_status();
             return Ok(());
         }
@@ -833,7 +833,7 @@ impl Driver {
         self.status
             .metrics
             .commands
-            .inc_by(1 + pipe.cmd_iter().count() as u64);
+            .inc_by(pipe.cmd_iter().count() as u64);
         let answers: Vec<Option<String>> =
             pipe.query_async(conn).await.map_err(|e| e.to_string())?;
         // A peer may be missing its lease only because Redis came back moments ago: give every
