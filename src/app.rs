@@ -227,9 +227,14 @@ impl Application {
                 .app_data(app_state.clone())
                 .wrap(cors(cors_origins.clone()))
                 .wrap(
-                    // No query string in access logs: socket tokens travel there.
+                    // No query string in access logs: socket tokens travel there. WebSocket
+                    // upgrades are not access-logged: the logger keeps a copy of its format per
+                    // request until the response ends, ~0.6 KB for each socket's whole life.
+                    // Sessions log their own connect and close.
                     actix_web::middleware::Logger::new(r#"%a "%{method}xi %U" %s %b %Dms"#)
-                        .custom_request_replace("method", |req| req.method().to_string()),
+                        .custom_request_replace("method", |req| req.method().to_string())
+                        .exclude("/socket/websocket")
+                        .exclude("/api/v1/realtime/websocket"),
                 )
                 .configure(http::routes)
         })

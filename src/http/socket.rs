@@ -872,6 +872,12 @@ impl Actor for SessionActor {
     fn started(&mut self, ctx: &mut Ctx) {
         ctx.set_mailbox_capacity(self.cfg.limits.max_outbound);
         self.metrics.connections.inc();
+        log::debug!(
+            "session {} opened: account {}, user {}",
+            self.id,
+            self.account,
+            self.user
+        );
         let every = Duration::from_millis(
             (self.cfg.timeout_ms / HEARTBEAT_CHECKS_PER_TIMEOUT as u64).max(10),
         );
@@ -934,6 +940,11 @@ impl Actor for SessionActor {
 
     fn stopped(&mut self, _: &mut Ctx) {
         self.metrics.connections.dec();
+        log::debug!(
+            "session {} closed after {} s",
+            self.id,
+            (now_ms() - self.online_at).max(0) / 1000
+        );
         let how = if self.departure_now {
             Departure::Now
         } else {
