@@ -78,7 +78,9 @@ pub async fn upgrade(
     }
     let principal = authenticate(&state, &token).await?;
     let limits = &state.engine.limits;
-    let (account, user, name, token_meta) = match &principal {
+    // The claims are taken apart here: a session keeps only what it uses (what a dashboard user
+    // may follow), not the token.
+    let (account, user, name, token_meta, staff) = match principal {
         Principal::User(c) => {
             if !protocol::valid_user_id(&c.sub, limits.max_user_id_len) {
                 return Err(ApiError::forbidden(
@@ -86,13 +88,20 @@ pub async fn upgrade(
                     "the token's sub is not a valid user id",
                 ));
             }
-            (c.acc.clone(), c.sub.clone(), c.name.clone(), c.meta.clone())
+            (c.acc, c.sub, c.name, c.meta, None)
         }
-        Principal::Staff(c) => (c.acc.clone().unwrap_or_default(), c.sub.clone(), None, None),
+        Principal::Staff(c) => {
+            let scope = if c.role == "admin" {
+                StaffScope::Every
+            } else {
+                StaffScope::Account(c.acc.as_deref().map(Arc::from))
+            };
+            (c.acc.unwrap_or_default(), c.sub, None, None, Some(scope))
+        }
     };
     // End users count against their account's rate and plan; dashboards do not.
-    let slot = match &principal {
-        Principal::User(_) => {
+    let slot = match &staff {
+        None => {
             state
                 .rate
                 .connect_account(&account)
@@ -112,7 +121,7 @@ pub async fn upgrade(
                 )
             })?)
         }
-        Principal::Staff(_) => None,
+        Some(_) => None,
     };
     let mut fields = token_meta.unwrap_or_default();
     if serde_json::to_string(&fields).map(|s| s.len()).unwrap_or(0) > limits.max_meta_bytes {
@@ -137,8 +146,7 @@ pub async fn upgrade(
         .map(Arc::<str>::from);
     let session = SessionActor {
         id: state.ids.next_session(),
-        staff: matches!(principal, Principal::Staff(_)),
-        principal,
+        staff,
         account: account.into(),
         user: user.into(),
         base_fields: Arc::new(fields),
@@ -298,11 +306,19 @@ enum ChannelKind {
     },
 }
 
+/// Which accounts a dashboard user's socket may follow.
+enum StaffScope {
+    /// An admin: every account.
+    Every,
+    /// A member of one account (`None`: a token naming none, which may follow nothing).
+    Account(Option<Arc<str>>),
+}
+
 pub struct SessionActor {
     id: SessionId,
-    principal: Principal,
-    /// Dashboard users and admins follow accounts; they are not presences themselves.
-    staff: bool,
+    /// Dashboard users and admins follow accounts; they are not presences themselves. `None`
+    /// for an end user's socket.
+    staff: Option<StaffScope>,
     account: Arc<str>,
     user: Key,
     /// Token `meta` plus `name`: the base of every meta this session shows.
@@ -422,7 +438,7 @@ impl SessionActor {
     }
 
     fn rooms_changed(&self) {
-        if let (Some(acc), false) = (&self.account_addr, self.staff) {
+        if let (Some(acc), false) = (&self.account_addr, self.staff.is_some()) {
             acc.do_send(RoomsChanged {
                 session: self.id,
                 rooms: self.rooms(),
@@ -469,7 +485,7 @@ impl SessionActor {
         let Some(name) = topic.strip_prefix("room:") else {
             return reply_err(self, ctx, Reason::UnknownTopic);
         };
-        if self.staff {
+        if self.staff.is_some() {
             return reply_err(self, ctx, Reason::Unauthorized);
         }
         if !protocol::valid_room_name(name, self.cfg.limits.max_room_name_len) {
@@ -582,7 +598,7 @@ impl SessionActor {
                     }
                     act.rooms_changed();
                     if let (Some(s), Some(acc)) = (explicit_status, &act.account_addr) {
-                        if !act.staff {
+                        if act.staff.is_none() {
                             acc.do_send(ConnectionStatus {
                                 user: act.user.clone(),
                                 session: act.id,
@@ -609,9 +625,10 @@ impl SessionActor {
     }
 
     fn may_follow(&self, account: &str) -> bool {
-        match &self.principal {
-            Principal::Staff(c) => c.role == "admin" || c.acc.as_deref() == Some(account),
-            Principal::User(_) => false,
+        match &self.staff {
+            Some(StaffScope::Every) => true,
+            Some(StaffScope::Account(Some(a))) => &**a == account,
+            Some(StaffScope::Account(None)) | None => false,
         }
     }
 
@@ -778,7 +795,7 @@ impl SessionActor {
                         }
                     }
                     if let (Some(s), Some(acc)) = (status, &act.account_addr) {
-                        if !act.staff {
+                        if act.staff.is_none() {
                             acc.do_send(ConnectionStatus {
                                 user: act.user.clone(),
                                 session: act.id,
@@ -895,7 +912,7 @@ impl Actor for SessionActor {
         let register = RegisterSession {
             session: self.id,
             account: self.account.clone(),
-            connection: !self.staff,
+            connection: self.staff.is_none(),
             user: self.user.clone(),
             to: ctx.address().recipient(),
             report: ctx.address().recipient(),
@@ -912,7 +929,7 @@ impl Actor for SessionActor {
                     };
                     act.registered = registered;
                     act.account_addr = addr.clone();
-                    let connect = match (&addr, act.staff) {
+                    let connect = match (&addr, act.staff.is_some()) {
                         (Some(a), false) => Some(a.send(Connect {
                             user: act.user.clone(),
                             arrival: act.connection_arrival(),
@@ -965,7 +982,7 @@ impl Actor for SessionActor {
                 _ => {}
             }
         }
-        if let (Some(acc), false) = (&self.account_addr, self.staff) {
+        if let (Some(acc), false) = (&self.account_addr, self.staff.is_some()) {
             acc.do_send(Leave {
                 user: self.user.clone(),
                 session: self.id,
@@ -1061,7 +1078,7 @@ impl Handler<ReportMembership> for SessionActor {
                         }
                     }
                 }
-                let own = !self.staff && self.account == account;
+                let own = self.staff.is_none() && self.account == account;
                 if own {
                     self.account_addr = Some(addr);
                 }

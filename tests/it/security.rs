@@ -1479,3 +1479,34 @@ async fn secrets_stay_out_of_logs_and_error_bodies_on_sqlite() {
 async fn secrets_stay_out_of_logs_and_error_bodies_on_postgres() {
     secrets_stay_out_of_logs_and_error_bodies(Backend::Postgres).await;
 }
+
+/// Who may follow an account's live presence over the socket: an admin any account, a
+/// dashboard user their own account only, an end user none (not even their own).
+#[actix_web::test]
+async fn only_admins_and_the_accounts_own_dashboard_users_may_follow_it() {
+    let app = secured_app(None).await;
+    let a = app.create_account("Follow A").await;
+    let b = app.create_account("Follow B").await;
+    let topic_a = format!("account:{}", a.id);
+    let topic_b = format!("account:{}", b.id);
+
+    let mut admin = app.connect(&app.admin_token).await;
+    admin.join_ok(&topic_a, json!({})).await;
+    admin.join_ok(&topic_b, json!({})).await;
+
+    let viewer = dashboard_user(&app, &a.id, "viewer", "viewer@follow-a.test").await;
+    let mut viewer = app.connect(&viewer).await;
+    viewer.join_ok(&topic_a, json!({})).await;
+    let reply = viewer.join(&topic_b, json!({})).await;
+    assert_eq!(reply["status"], "error", "{reply}");
+    assert_eq!(reply["response"]["reason"], "unauthorized", "{reply}");
+
+    let mut user = app.connect(&app.user_token(&a, "ann")).await;
+    for topic in [&topic_a, &topic_b] {
+        let reply = user.join(topic, json!({})).await;
+        assert_eq!(reply["status"], "error", "{reply}");
+        assert_eq!(reply["response"]["reason"], "unauthorized", "{reply}");
+    }
+    // A refusal loses nothing: the same socket goes on working.
+    user.join_ok("room:lobby", json!({})).await;
+}
