@@ -251,9 +251,21 @@ fn bench_state(c: &mut Criterion) {
             })
         });
         // What rooms send: the same bytes, written by hand into a buffer sized up front.
+        // Each meta's JSON is kept once written, so a room writes a meta once, then copies it
+        // into every later joiner's frame: this is the usual frame...
         g.bench_function(BenchmarkId::new("frame", n), |b| {
             b.iter(|| black_box(set.state_frame("room:bench")))
         });
+        // ...and this the first one, every meta written (a fresh room each time).
+        if n <= 1_000 {
+            g.bench_function(BenchmarkId::new("frame, metas not yet written", n), |b| {
+                b.iter_batched(
+                    || room_of(n),
+                    |set| black_box(set.state_frame("room:bench")),
+                    BatchSize::LargeInput,
+                )
+            });
+        }
     }
     let bytes = protocol::broadcast("room:bench", "presence_state", &room_of(10_000).state()).len();
     eprintln!("presence_state frame of 10 000 members: {bytes} bytes");

@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde::ser::{SerializeMap, SerializeSeq, Serializer};
 use serde::Serialize;
@@ -240,6 +240,39 @@ impl Serialize for MetaOnNode<'_> {
 struct Entry {
     meta: Meta,
     ghost_until: Option<i64>,
+    /// The meta as JSON (`Meta::write_json`), written the first time a `presence_state` needs
+    /// it and kept until the meta changes. Every join sends the whole room to the joiner, so a
+    /// meta is written once per later joiner: in a connect ramp that was the node's top cost
+    /// (BENCHMARKS.md). Only `set_meta` and `meta_mut` change a meta, and both drop it.
+    json: OnceLock<Box<[u8]>>,
+}
+
+impl Entry {
+    fn new(meta: Meta, ghost_until: Option<i64>) -> Self {
+        Entry {
+            meta,
+            ghost_until,
+            json: OnceLock::new(),
+        }
+    }
+
+    fn set_meta(&mut self, meta: Meta) {
+        self.meta = meta;
+        self.json.take();
+    }
+
+    fn meta_mut(&mut self) -> &mut Meta {
+        self.json.take();
+        &mut self.meta
+    }
+
+    fn json(&self) -> &[u8] {
+        self.json.get_or_init(|| {
+            let mut out = Vec::with_capacity(128);
+            self.meta.write_json(&mut out);
+            out.into_boxed_slice()
+        })
+    }
 }
 
 /// What a change did, in phoenix.js terms. Serialises to `{"joins":{..},"leaves":{..}}`.
@@ -514,10 +547,7 @@ impl PresenceSet {
         if !unchanged {
             diff.leaves.push((key.clone(), old.meta));
         }
-        metas.push(Entry {
-            meta,
-            ghost_until: None,
-        });
+        metas.push(Entry::new(meta, None));
         JoinOutcome {
             diff,
             phx_ref,
@@ -542,14 +572,11 @@ impl PresenceSet {
             if let Some(t) = e.ghost_until.filter(|t| *t != until) {
                 self.deadlines.remove(&(t, e.meta.session, key.clone()));
             }
-            e.meta = meta;
+            e.set_meta(meta);
             e.ghost_until = Some(until);
             return;
         }
-        metas.push(Entry {
-            meta,
-            ghost_until: Some(until),
-        });
+        metas.push(Entry::new(meta, Some(until)));
         self.metas += 1;
     }
 
@@ -565,13 +592,10 @@ impl PresenceSet {
     pub fn restore(&mut self, key: &Key, meta: Meta) {
         let metas = self.entries.entry(key.clone()).or_default();
         if let Some(e) = metas.iter_mut().find(|e| e.meta.session == meta.session) {
-            e.meta = meta;
+            e.set_meta(meta);
             return;
         }
-        metas.push(Entry {
-            meta,
-            ghost_until: None,
-        });
+        metas.push(Entry::new(meta, None));
         self.metas += 1;
     }
 
@@ -587,13 +611,14 @@ impl PresenceSet {
         let (k, metas) = self.entries.get_key_value_mut_compat(key)?;
         let e = metas.iter_mut().find(|e| e.meta.session == session)?;
         let old = e.meta.clone();
+        let m = e.meta_mut();
         if let Some(s) = status {
-            e.meta.status = s;
+            m.status = s;
         }
         if let Some(f) = fields {
-            e.meta.fields = f;
+            m.fields = f;
         }
-        e.meta.phx_ref = new_ref;
+        m.phx_ref = new_ref;
         let mut joined = e.meta.clone();
         joined.phx_ref_prev = Some(old.phx_ref);
         let current = e.meta.clone();
@@ -638,7 +663,7 @@ impl PresenceSet {
             diff.joins.push((key.clone(), joined));
             diff.leaves.push((key.clone(), e.meta.clone()));
         }
-        e.meta = meta;
+        e.set_meta(meta);
         diff
     }
 
@@ -721,6 +746,13 @@ impl PresenceSet {
         let metas: usize = self.entries.values().map(Vec::len).sum();
         assert_eq!(metas, self.metas, "the meta count");
         assert!(self.entries.values().all(|v| !v.is_empty()), "no empty key");
+        for e in self.entries.values().flatten() {
+            if let Some(json) = e.json.get() {
+                let mut fresh = Vec::new();
+                e.meta.write_json(&mut fresh);
+                assert_eq!(&**json, &*fresh, "a kept meta JSON is its meta's");
+            }
+        }
     }
 
     /// Every key and its metas, in key order.
@@ -773,10 +805,7 @@ fn push_live(metas: &mut Vec<Entry>, meta: Meta) {
     if metas.capacity() == 0 {
         metas.reserve_exact(1);
     }
-    metas.push(Entry {
-        meta,
-        ghost_until: None,
-    });
+    metas.push(Entry::new(meta, None));
 }
 
 /// Small helper so `update` can return the stored `Arc` key without a second lookup.
@@ -808,7 +837,7 @@ impl State<'_> {
                 if j > 0 {
                     out.push(b',');
                 }
-                e.meta.write_json(out);
+                out.extend_from_slice(e.json());
             }
             out.extend_from_slice(b"]}");
         }

@@ -52,12 +52,27 @@ fn the_written_state_frame_is_the_serialised_one_whatever_the_strings() {
     set.join(&key("ann \"the\" first"), tricky, Ref(0x1f));
     set.join(&key("bob"), arrival(2, "online", None), Ref(u64::MAX));
     set.join(&key("bob"), arrival(3, "away", Some("phone")), Ref(0));
+    // Written once, each meta's JSON is kept; the changes below must not leave it stale.
+    assert_state_written_as_serialised(&set);
     // An update: the meta carries phx_ref_prev.
     set.update("bob", SessionId(2), Some("away".into()), None, Ref(0xabc))
         .expect("bob is there");
     // A ghost is in the state like any meta.
     set.leave("bob", SessionId(3), Departure::Grace { until: 5_000 });
     assert_state_written_as_serialised(&set);
+    // A remote owner's new ref, and a restart's restore over a kept meta.
+    let mut remote = set
+        .meta_of("bob", SessionId(3))
+        .expect("bob's ghost")
+        .clone();
+    remote.phx_ref = Ref(0xdef);
+    remote.status = "back".into();
+    set.put_remote(&key("bob"), remote.clone());
+    assert_state_written_as_serialised(&set);
+    remote.status = "restored".into();
+    set.restore(&key("bob"), remote);
+    assert_state_written_as_serialised(&set);
+    set.assert_consistent();
 }
 
 fn client_from(set: &PresenceSet) -> ClientState {
