@@ -266,12 +266,17 @@ impl Entry {
         &mut self.meta
     }
 
-    fn json(&self) -> &[u8] {
-        self.json.get_or_init(|| {
-            let mut out = Vec::with_capacity(128);
-            self.meta.write_json(&mut out);
-            out.into_boxed_slice()
-        })
+    /// The meta's JSON onto `out`: the kept copy, or written there and kept (one exact-size
+    /// allocation).
+    fn write_json(&self, out: &mut Vec<u8>) {
+        match self.json.get() {
+            Some(json) => out.extend_from_slice(json),
+            None => {
+                let start = out.len();
+                self.meta.write_json(out);
+                let _ = self.json.set(Box::from(&out[start..]));
+            }
+        }
     }
 }
 
@@ -837,7 +842,7 @@ impl State<'_> {
                 if j > 0 {
                     out.push(b',');
                 }
-                out.extend_from_slice(e.json());
+                e.write_json(out);
             }
             out.extend_from_slice(b"]}");
         }
