@@ -341,8 +341,8 @@ impl Session {
 
     fn meta(&self) -> Value {
         match self.node {
-            Some(n) => json!({ NODE: n, STAMP: stats::now_us(), "device": "load" }),
-            None => json!({ STAMP: stats::now_us(), "device": "load" }),
+            Some(n) => json!({ NODE: n, STAMP: stats::stamp_us(), "device": "load" }),
+            None => json!({ STAMP: stats::stamp_us(), "device": "load" }),
         }
     }
 
@@ -381,8 +381,8 @@ impl Session {
                 let r = self.take_ref();
                 self.pending.push((r, "broadcast"));
                 let payload = match self.node {
-                    Some(n) => json!({ NODE: n, STAMP: stats::now_us() }),
-                    None => json!({ STAMP: stats::now_us() }),
+                    Some(n) => json!({ NODE: n, STAMP: stats::stamp_us() }),
+                    None => json!({ STAMP: stats::stamp_us() }),
                 };
                 let p = json!({ "event": "load", "payload": payload });
                 send(ws, frame(Some(&self.join_ref), r, &topic, "broadcast", &p)).await
@@ -598,6 +598,7 @@ pub async fn run(
     out: mpsc::UnboundedSender<Event>,
 ) {
     let worker = share.index;
+    stats::set_stamp_share(share.index, share.of);
     let fatal = |why: String| {
         let _ = out.send(Event::Fatal { worker, why });
     };

@@ -2,6 +2,8 @@
 //! worker reports to the parent (one JSON object a line on its stdout).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 use base64::Engine as _;
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
@@ -58,6 +60,45 @@ pub fn now_us() -> u64 {
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
 }
+
+/// The stamp (`_lt`) of a change this process sends: its send time in µs, made unique across
+/// the generator's worker processes and within this one. Receivers key "last delivery per
+/// change" by stamp, and two workers ticking on the same schedule could stamp two changes with
+/// the same microsecond (seen: 296 changes counted with 10 068 receivers each in a room of
+/// 10 000). Worker `i` of `P` only uses stamps congruent to `i` modulo `P`, each above the last;
+/// a stamp is at most a few µs earlier than the true send time.
+pub fn stamp_us() -> u64 {
+    let (i, of) = STAMP_SHARE.get().copied().unwrap_or((0, 1));
+    let now = now_us();
+    let mut out = 0;
+    let _ = LAST_STAMP.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+        out = next_stamp(now, last, i, of);
+        Some(out)
+    });
+    out
+}
+
+/// The stamp after `last` for worker `i` of `of` at `now`: the latest time not after `now` in
+/// the worker's residue class, or the class's next one after `last` if that is not later.
+fn next_stamp(now: u64, last: u64, i: u64, of: u64) -> u64 {
+    let now = now.max(i);
+    let here = now - (now - i) % of;
+    if here > last {
+        here
+    } else {
+        last + of
+    }
+}
+
+/// Which residue class of stamps this process owns: worker `index` of `of`. Set once, before
+/// any change is sent; a lone process owns them all.
+pub fn set_stamp_share(index: usize, of: usize) {
+    let of = of.max(1) as u64;
+    let _ = STAMP_SHARE.set((index as u64 % of, of));
+}
+
+static STAMP_SHARE: OnceLock<(u64, u64)> = OnceLock::new();
+static LAST_STAMP: AtomicU64 = AtomicU64::new(0);
 
 /// What a worker (in this process or a child) tells the coordinator.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -137,4 +178,42 @@ pub fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
     let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
     // USER_HZ is 100 on Linux.
     Some(ticks / 100.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_stamp_in_their_own_class_never_later_than_now_and_always_forward() {
+        for of in [1u64, 2, 3, 8] {
+            for i in 0..of {
+                let mut last = 0;
+                // Several stamps in the same microsecond, then time moving on.
+                for now in [
+                    1_000_000u64,
+                    1_000_000,
+                    1_000_000,
+                    1_000_001,
+                    1_000_009,
+                    1_000_009,
+                ] {
+                    let s = next_stamp(now, last, i, of);
+                    assert_eq!(s % of, i, "worker {i} of {of} owns its class");
+                    assert!(s > last, "stamps go forward");
+                    assert!(s <= now.max(last + of), "never ahead of now unless bumped");
+                    assert!(s + of > now, "at most of-1 µs behind now");
+                    last = s;
+                }
+            }
+        }
+        // Two workers at the same instant never share a stamp.
+        assert_ne!(next_stamp(5_000, 0, 0, 2), next_stamp(5_000, 0, 1, 2));
+    }
+
+    #[test]
+    fn this_process_never_stamps_twice_the_same() {
+        let stamps: Vec<u64> = (0..10_000).map(|_| stamp_us()).collect();
+        assert!(stamps.windows(2).all(|w| w[1] > w[0]));
+    }
 }
