@@ -156,9 +156,7 @@ impl Meta {
         }
         Ok(())
     }
-}
 
-impl Meta {
     /// The meta as JSON, the same as its `Serialize` gives, written by hand: the server's own
     /// keys go out as they are, only strings that came from clients are escaped. This is the
     /// inner loop of every `presence_state` (BENCHMARKS.md, connect profile).
@@ -780,14 +778,6 @@ impl PresenceSet {
         self.entries
             .range::<str, _>((lower, Bound::Unbounded))
             .map(|(k, v)| (k, v.iter().map(|e| &e.meta)))
-    }
-
-    /// A page of keys strictly after `after`, at most `limit` of them.
-    pub fn page(&self, after: Option<&str>, limit: usize) -> Vec<(&Key, Vec<&Meta>)> {
-        self.after(after)
-            .take(limit)
-            .map(|(k, metas)| (k, metas.collect()))
-            .collect()
     }
 
     /// Serialisable `presence_state`.

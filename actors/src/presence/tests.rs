@@ -290,9 +290,9 @@ fn pages_walk_keys_in_order_after_the_cursor() {
     for (i, u) in ["c", "a", "b", "d"].iter().enumerate() {
         set.join(&key(u), arrival(i as u64, "online", None), Ref(i as u64));
     }
-    let p1: Vec<&str> = set.page(None, 2).iter().map(|(k, _)| &***k).collect();
+    let p1: Vec<&str> = set.after(None).take(2).map(|(k, _)| &**k).collect();
     assert_eq!(p1, vec!["a", "b"]);
-    let p2: Vec<&str> = set.page(Some("b"), 5).iter().map(|(k, _)| &***k).collect();
+    let p2: Vec<&str> = set.after(Some("b")).take(5).map(|(k, _)| &**k).collect();
     assert_eq!(p2, vec!["c", "d"]);
 }
 
