@@ -471,6 +471,22 @@ async fn account_actor(
         .map_err(|_| ApiError::unavailable("shutting down"))
 }
 
+/// The live room's actor, if the room is live.
+async fn room_actor(
+    state: &Data,
+    id: &str,
+    room: &str,
+) -> Result<Option<actix::Addr<presence_actors::room::RoomActor>>, ApiError> {
+    state
+        .registry
+        .send(LookupRoom {
+            account: id.into(),
+            room: room.into(),
+        })
+        .await
+        .map_err(|_| ApiError::unavailable("registry unavailable"))
+}
+
 /// The account must exist (else 404) and the caller may read it: admins and the account's
 /// owners and members. Viewers see the dashboard only (`GET /dashboard/:id` and the account
 /// socket): 403 here.
@@ -536,20 +552,10 @@ async fn room_occupancy(state: &Data, id: &str) -> Result<Vec<Value>, ApiError> 
         };
         let counts = match in_place {
             Some(c) => Some(c),
-            None => {
-                let addr = state
-                    .registry
-                    .send(LookupRoom {
-                        account: id.into(),
-                        room: name.clone(),
-                    })
-                    .await
-                    .map_err(|_| ApiError::unavailable("registry unavailable"))?;
-                match addr {
-                    Some(a) => a.send(Occupancy).await.ok(),
-                    None => None,
-                }
-            }
+            None => match room_actor(state, id, &name).await? {
+                Some(a) => a.send(Occupancy).await.ok(),
+                None => None,
+            },
         };
         if let Some((users, sessions)) = counts {
             out.push(json!({ "room": &*name, "users": users, "sessions": sessions }));
@@ -598,26 +604,16 @@ pub async fn room_presence(
     let body = match (in_place, view) {
         (Some(body), _) => body,
         // Restarted and still rebuilding from its sessions: the room answers once it has.
-        (None, Some(_)) => {
-            let addr = state
-                .registry
-                .send(LookupRoom {
-                    account: id.into(),
-                    room: room.as_str().into(),
+        (None, Some(_)) => match room_actor(&state, &id, &room).await? {
+            Some(a) => a
+                .send(HereNow {
+                    after: q.cursor.clone(),
+                    limit,
                 })
                 .await
-                .map_err(|_| ApiError::unavailable("registry unavailable"))?;
-            match addr {
-                Some(a) => a
-                    .send(HereNow {
-                        after: q.cursor.clone(),
-                        limit,
-                    })
-                    .await
-                    .map_err(|_| ApiError::unavailable("room restarting"))?,
-                None => Members::new(true).here_now(&room, node, None, limit),
-            }
-        }
+                .map_err(|_| ApiError::unavailable("room restarting"))?,
+            None => Members::new(true).here_now(&room, node, None, limit),
+        },
         (None, None) => Members::new(true).here_now(&room, node, None, limit),
     };
     Ok(HttpResponse::Ok()
