@@ -416,10 +416,10 @@ pub mod os {
     }
 }
 
-/// Keeping the resident memory of many idle sockets close to what they use (glibc only).
-/// glibc malloc tuning. The `presenced` binary allocates through jemalloc (`src/main.rs`), so
-/// in the node this only concerns what C libraries (SQLite, libpq) allocate; it matters in full
-/// to programs that embed the library with the system allocator.
+/// glibc malloc tuning, to keep the resident memory of many idle sockets close to what they
+/// use. The `presenced` binary allocates through jemalloc (`src/main.rs`), so in the node this
+/// only concerns what C libraries (SQLite, libpq) allocate; it matters in full to programs that
+/// embed the library with the system allocator.
 #[allow(unsafe_code)]
 pub mod memory {
     use std::time::Duration;

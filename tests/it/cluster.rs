@@ -300,12 +300,7 @@ async fn users_on_three_nodes_share_rooms_devices_updates_broadcasts_and_kicks()
                 &app.admin_token,
             )
             .await;
-        let nodes: BTreeSet<String> = v["presences"]["ann"]["metas"]
-            .as_array()
-            .unwrap_or_else(|| panic!("ann in {v}"))
-            .iter()
-            .map(|m| m["node"].as_str().unwrap_or_default().to_string())
-            .collect();
+        let nodes = node_names(&v["presences"]["ann"]["metas"], &v);
         assert_eq!(
             nodes,
             BTreeSet::from(["b".to_string(), "c".to_string()]),
@@ -320,12 +315,7 @@ async fn users_on_three_nodes_share_rooms_devices_updates_broadcasts_and_kicks()
         )
         .await;
     assert_eq!(st, 200, "{wn}");
-    let nodes: BTreeSet<String> = wn["sessions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["node"].as_str().unwrap().to_string())
-        .collect();
+    let nodes = node_names(&wn["sessions"], &wn);
     assert_eq!(
         nodes,
         BTreeSet::from(["b".to_string(), "c".to_string()]),
@@ -842,4 +832,19 @@ async fn keys_lost_under_live_connections_are_rewritten_without_a_flap() {
         a.metric("presenced_cluster_nodes_down_total", "").await,
         0.0
     );
+}
+
+/// The `node` of each entry of a JSON array (metas or sessions); `whole` is the response, shown
+/// when the array is missing or an entry has no node.
+fn node_names(list: &Value, whole: &Value) -> BTreeSet<String> {
+    list.as_array()
+        .unwrap_or_else(|| panic!("no list in {whole}"))
+        .iter()
+        .map(|e| {
+            e["node"]
+                .as_str()
+                .unwrap_or_else(|| panic!("an entry without a node in {whole}"))
+                .to_string()
+        })
+        .collect()
 }
