@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::{Actor, Addr, Arbiter};
-use actix_web::dev::{Server, ServerHandle};
-use actix_web::{web, App, HttpServer};
+use actix_web::dev::ServerHandle;
+use actix_web::{web, App};
 
 use presence_actors::presence::IdGen;
 use presence_actors::registry::{Registry, Shutdown, Stats};
@@ -45,7 +45,7 @@ pub enum StartError {
 }
 
 pub struct Application {
-    server: Server,
+    serving: http::serve::Serving,
     port: u16,
     state: web::Data<AppState>,
     /// Kept so the registry's thread lives as long as the node.
@@ -214,7 +214,7 @@ impl Application {
             source,
         })?;
         let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
-        let workers = match settings.server.workers {
+        let per_core = |n: usize| match n {
             0 => std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(2),
@@ -222,7 +222,7 @@ impl Application {
         };
         let app_state = state.clone();
         let cors_origins = Arc::new(settings.server.cors_origins.clone());
-        let server = HttpServer::new(move || {
+        let make_app = move || {
             App::new()
                 .app_data(app_state.clone())
                 .wrap(cors(cors_origins.clone()))
@@ -237,25 +237,23 @@ impl Application {
                         .exclude("/api/v1/realtime/websocket"),
                 )
                 .configure(http::routes)
-        })
-        .workers(workers)
-        .backlog(4096)
-        .max_connections(50_000)
-        .max_connection_rate(2_048)
-        // Flush (and, with the patched actix-http, release) write buffers past 4 KiB: idle
-        // sockets must not keep the buffer of the largest frame they ever got.
-        .h1_write_buffer_size(4096)
-        .on_connect(limit_stalled_writes)
-        .disable_signals()
-        .shutdown_timeout(settings.server.shutdown_timeout_s)
-        .listen(listener)
+        };
+        let serving = http::serve::serve(
+            make_app,
+            http::serve::ServeConfig {
+                listener,
+                workers: per_core(settings.server.workers),
+                socket_threads: per_core(settings.server.socket_threads),
+                shutdown_timeout_s: settings.server.shutdown_timeout_s,
+                on_connect: limit_stalled_writes,
+            },
+        )
         .map_err(|source| StartError::Bind {
             addr: addr.to_string(),
             source,
-        })?
-        .run();
+        })?;
         Ok(Application {
-            server,
+            serving,
             port,
             state,
             registry_arbiter,
@@ -273,7 +271,7 @@ impl Application {
     }
 
     pub fn handle(&self) -> ServerHandle {
-        self.server.handle()
+        self.serving.server.handle()
     }
 
     pub fn registry(&self) -> Addr<Registry> {
@@ -282,7 +280,9 @@ impl Application {
 
     /// Runs until the server is stopped (by `shutdown` or its handle).
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        let res = self.server.await;
+        let http::serve::Serving { server, sockets } = self.serving;
+        let res = server.await;
+        sockets.stop();
         self.registry_arbiter.stop();
         if let Some(a) = self.cluster_arbiter {
             a.stop();
@@ -325,12 +325,10 @@ fn cors(origins: Arc<Vec<String>>) -> actix_cors::Cors {
 /// a session the room already evicted as a slow consumer cannot pin its socket forever.
 const STALLED_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn limit_stalled_writes(conn: &dyn std::any::Any, _: &mut actix_web::dev::Extensions) {
-    if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
-        let sock = socket2::SockRef::from(tcp);
-        if let Err(e) = sock.set_tcp_user_timeout(Some(STALLED_WRITE_TIMEOUT)) {
-            log::debug!("TCP_USER_TIMEOUT not set: {e}");
-        }
+fn limit_stalled_writes(tcp: &actix_web::rt::net::TcpStream) {
+    let sock = socket2::SockRef::from(tcp);
+    if let Err(e) = sock.set_tcp_user_timeout(Some(STALLED_WRITE_TIMEOUT)) {
+        log::debug!("TCP_USER_TIMEOUT not set: {e}");
     }
 }
 

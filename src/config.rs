@@ -57,6 +57,9 @@ pub struct ServerSettings {
     pub bind: String,
     /// HTTP worker threads; 0 means one per core.
     pub workers: usize,
+    /// Threads that run the WebSocket sessions, apart from the HTTP workers; 0 means one per
+    /// core.
+    pub socket_threads: usize,
     /// Seconds to wait for connections to finish at shutdown before dropping them.
     pub shutdown_timeout_s: u64,
     /// Reverse proxies whose `X-Forwarded-For` is believed (IP addresses).
@@ -71,6 +74,7 @@ impl Default for ServerSettings {
         ServerSettings {
             bind: "127.0.0.1:4000".into(),
             workers: 0,
+            socket_threads: 0,
             shutdown_timeout_s: 5,
             trusted_proxies: Vec::new(),
             cors_origins: Vec::new(),
@@ -257,6 +261,9 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// The most threads of one kind (HTTP workers, socket threads, arbiters) a node will start.
+const MAX_THREADS: usize = 1024;
+
 fn bad(setting: &str, message: impl Into<String>) -> ConfigError {
     ConfigError {
         setting: setting.into(),
@@ -268,6 +275,7 @@ fn bad(setting: &str, message: impl Into<String>) -> ConfigError {
 pub const KEYS: &[(&str, &str)] = &[
     ("server.bind", "127.0.0.1:4000"),
     ("server.workers", "0 (one per core)"),
+    ("server.socket_threads", "0 (one per core)"),
     ("server.shutdown_timeout_s", "5"),
     (
         "database.url (or DATABASE_URL)",
@@ -381,6 +389,18 @@ impl Settings {
             let parsed = url::Url::parse(u).map_err(|e| bad("redis.url", format!("{e}")))?;
             if !matches!(parsed.scheme(), "redis" | "rediss" | "redis+unix") {
                 return Err(bad("redis.url", "must start with redis://"));
+            }
+        }
+        for (name, v) in [
+            ("server.workers", self.server.workers),
+            ("server.socket_threads", self.server.socket_threads),
+            ("presence.arbiters", self.presence.arbiters),
+        ] {
+            if v > MAX_THREADS {
+                return Err(bad(
+                    name,
+                    format!("at most {MAX_THREADS} (0: one per core)"),
+                ));
             }
         }
         let p = &self.presence;
@@ -725,6 +745,25 @@ mod tests {
                 "{url}: {line}"
             );
         }
+    }
+
+    #[test]
+    fn thread_counts_past_the_cap_are_refused() {
+        for (name, set) in [
+            (
+                "server.workers",
+                (|s| s.server.workers = 5000) as fn(&mut Settings),
+            ),
+            ("server.socket_threads", |s| s.server.socket_threads = 1025),
+            ("presence.arbiters", |s| s.presence.arbiters = 100_000),
+        ] {
+            let mut s = Settings::default();
+            set(&mut s);
+            assert_eq!(s.validate().unwrap_err().setting, name);
+        }
+        let mut s = Settings::default();
+        s.server.socket_threads = 3;
+        s.validate().unwrap();
     }
 
     #[test]

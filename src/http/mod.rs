@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod api;
 pub mod error;
+pub mod serve;
 pub mod socket;
 
 use std::sync::Arc;

@@ -473,3 +473,168 @@ async fn ghosts_leave_in_order_at_their_own_deadlines_and_a_reclaimed_one_never_
     users.sort();
     assert_eq!(users, vec!["bob", "obs"], "{v}");
 }
+
+/// A raw client's side of the socket tests below: the handshake written by hand, masked text
+/// frames out, the server's frames read back.
+mod raw {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    pub fn handshake(token: &str) -> String {
+        format!(
+            "GET /socket/websocket?vsn=2.0.0&token={token} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+    }
+
+    /// Reads one HTTP response head (and its `Content-Length` body); returns the head.
+    pub fn read_response(s: &mut TcpStream) -> String {
+        let mut buf = Vec::new();
+        let mut byte = [0u8; 1];
+        while !buf.ends_with(b"\r\n\r\n") {
+            assert_eq!(
+                s.read(&mut byte).unwrap(),
+                1,
+                "closed inside a response head"
+            );
+            buf.push(byte[0]);
+        }
+        let head = String::from_utf8(buf).unwrap();
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).unwrap();
+        head
+    }
+
+    pub fn send_text(s: &mut TcpStream, text: &str) {
+        let payload = text.as_bytes();
+        assert!(payload.len() < 126);
+        let mask = [7u8, 1, 9, 3];
+        let mut frame = vec![0x81, 0x80 | payload.len() as u8];
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        s.write_all(&frame).unwrap();
+    }
+
+    /// The next text frame from the server.
+    pub fn read_text(s: &mut TcpStream) -> serde_json::Value {
+        let mut h = [0u8; 2];
+        s.read_exact(&mut h).unwrap();
+        assert_eq!(h[0], 0x81, "a final text frame");
+        let len = match h[1] & 0x7f {
+            126 => {
+                let mut l = [0u8; 2];
+                s.read_exact(&mut l).unwrap();
+                u16::from_be_bytes(l) as usize
+            }
+            127 => {
+                let mut l = [0u8; 8];
+                s.read_exact(&mut l).unwrap();
+                u64::from_be_bytes(l) as usize
+            }
+            n => n as usize,
+        };
+        let mut payload = vec![0u8; len];
+        s.read_exact(&mut payload).unwrap();
+        serde_json::from_slice(&payload).unwrap()
+    }
+
+    /// A heartbeat, answered: the session is live.
+    pub fn heartbeat(s: &mut TcpStream) {
+        send_text(s, r#"[null,"7","phoenix","heartbeat",{}]"#);
+        let reply = read_text(s);
+        assert_eq!(reply[1], "7", "{reply}");
+        assert_eq!(reply[4]["status"], "ok", "{reply}");
+    }
+
+    pub fn connect(port: u16) -> TcpStream {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        s
+    }
+}
+
+/// The server looks at a new connection's first request line to decide which thread serves
+/// it; a client that sends that line in pieces must be upgraded all the same.
+#[actix_web::test]
+async fn a_socket_whose_request_line_comes_byte_by_byte_is_upgraded() {
+    use std::io::Write;
+    let app = spawn_app().await;
+    let acc = app.create_account("Acme").await;
+    let token = app.user_token(&acc, "ann");
+    let port = app.port;
+    actix_web::rt::task::spawn_blocking(move || {
+        let mut s = raw::connect(port);
+        s.set_nodelay(true).unwrap();
+        let hello = raw::handshake(&token);
+        for b in hello.as_bytes().iter().take(40) {
+            s.write_all(&[*b]).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(3));
+        }
+        s.write_all(&hello.as_bytes()[40..]).unwrap();
+        let head = raw::read_response(&mut s);
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        raw::heartbeat(&mut s);
+    })
+    .await
+    .unwrap();
+    // And one that only asks for the health check, in pieces too, gets its answer.
+    actix_web::rt::task::spawn_blocking(move || {
+        let mut s = raw::connect(port);
+        s.set_nodelay(true).unwrap();
+        for part in ["GE", "T /he", "althz HTTP/1.1\r\nHost: x\r\n\r\n"] {
+            s.write_all(part.as_bytes()).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let head = raw::read_response(&mut s);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    })
+    .await
+    .unwrap();
+}
+
+/// A socket opened on a kept-alive connection that first made API calls is served where that
+/// connection already is, and works like any other.
+#[actix_web::test]
+async fn a_socket_upgraded_on_a_kept_alive_connection_after_api_calls_works() {
+    use std::io::Write;
+    let app = spawn_app().await;
+    let acc = app.create_account("Acme").await;
+    let token = app.user_token(&acc, "ann");
+    let port = app.port;
+    actix_web::rt::task::spawn_blocking(move || {
+        let mut s = raw::connect(port);
+        for _ in 0..2 {
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            let head = raw::read_response(&mut s);
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        }
+        s.write_all(raw::handshake(&token).as_bytes()).unwrap();
+        let head = raw::read_response(&mut s);
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        raw::heartbeat(&mut s);
+        raw::send_text(
+            &mut s,
+            r#"["1","1","room:lobby","phx_join",{"status":"online"}]"#,
+        );
+        let reply = raw::read_text(&mut s);
+        assert_eq!(reply[4]["status"], "ok", "{reply}");
+    })
+    .await
+    .unwrap();
+    let (status, body) = app
+        .get(
+            &format!("/api/v1/accounts/{}/rooms/lobby/presence", acc.id),
+            &app.admin_token,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+}

@@ -1,0 +1,301 @@
+//! The HTTP server: one listener, two kinds of thread.
+//!
+//! - **HTTP workers** (actix-server's) accept every connection and serve the API, the dashboard
+//!   and the ops endpoints.
+//! - **Socket threads** run the WebSocket sessions. A connection whose first request line is a
+//!   socket upgrade (`GET /socket/websocket…`, `GET /api/v1/realtime/websocket…`) is handed to
+//!   one of them before anything is read from it, and served there from its first byte.
+//!
+//! Why: a thread's wake-ups from other threads go through one FIFO. When the sessions lived on
+//! the HTTP workers, a fan-out to 10 000 sessions queued ~5 000 wakes on each worker per change,
+//! and a new API connection waited behind them (here-now over a new connection: p99 ~120 ms,
+//! BENCHMARKS.md). Now nothing queues on an HTTP worker but HTTP.
+//!
+//! Both kinds of thread run the same `App`, so any request is answered the same way on either:
+//! the split decides only where a connection runs. A socket upgraded on a kept-alive connection
+//! that first made API calls stays on its HTTP worker (browsers and the Phoenix client open a
+//! connection per socket).
+
+use std::net::{SocketAddr, TcpListener};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Arbiter;
+use actix_http::{HttpService, KeepAlive, Request};
+use actix_rt::net::TcpStream;
+use actix_server::{GracefulShutdownSignal, Server};
+use actix_service::{
+    fn_factory, fn_service, map_config, Service, ServiceFactory, ServiceFactoryExt,
+};
+use actix_web::body::MessageBody;
+use actix_web::dev::{AppConfig, ServiceRequest, ServiceResponse};
+use actix_web::App;
+use tokio::sync::mpsc;
+
+/// Request lines that open a WebSocket session.
+const SOCKET_REQUESTS: [&[u8]; 2] = [b"GET /socket/websocket", b"GET /api/v1/realtime/websocket"];
+/// How long a new connection may take to send its request line before it is served as HTTP
+/// anyway (which then applies its own request timeout).
+const FIRST_LINE_WAIT: Duration = Duration::from_secs(5);
+/// Same as actix-web's `HttpServer` defaults.
+const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+const CLIENT_DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Flush (and, with the patched actix-http, release) write buffers past 4 KiB: idle sockets must
+/// not keep the buffer of the largest frame they ever got.
+const WRITE_BUFFER: usize = 4096;
+
+/// What the server is built from.
+pub struct ServeConfig {
+    pub listener: TcpListener,
+    pub workers: usize,
+    pub socket_threads: usize,
+    pub shutdown_timeout_s: u64,
+    /// Called once per accepted connection (socket options).
+    pub on_connect: fn(&TcpStream),
+}
+
+/// The running server and its socket threads.
+pub struct Serving {
+    pub server: Server,
+    pub sockets: Arc<SocketThreads>,
+}
+
+/// The socket threads and the channels that hand them connections.
+pub struct SocketThreads {
+    arbiters: Vec<Arbiter>,
+    inboxes: Vec<mpsc::UnboundedSender<std::net::TcpStream>>,
+    next: AtomicUsize,
+}
+
+impl SocketThreads {
+    /// Stops the threads (once the server has stopped: their sessions are closed by then).
+    pub fn stop(&self) {
+        for a in &self.arbiters {
+            a.stop();
+        }
+    }
+
+    /// Gives a connection to the next socket thread. `Err` gives it back (the thread is gone,
+    /// which happens only while stopping).
+    fn hand(&self, io: std::net::TcpStream) -> Result<(), std::net::TcpStream> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.inboxes.len();
+        self.inboxes[i].send(io).map_err(|e| e.0)
+    }
+}
+
+/// Serves `make_app` on `cfg.listener` with HTTP workers and socket threads as above.
+pub fn serve<F, T, B>(make_app: F, cfg: ServeConfig) -> std::io::Result<Serving>
+where
+    F: Fn() -> App<T> + Send + Clone + 'static,
+    T: ServiceFactory<
+            ServiceRequest,
+            Config = (),
+            Response = ServiceResponse<B>,
+            Error = actix_web::Error,
+            InitError = (),
+        > + 'static,
+    B: MessageBody + 'static,
+{
+    let addr = cfg.listener.local_addr()?;
+    let mut builder = Server::build()
+        .workers(cfg.workers.max(1))
+        .backlog(4096)
+        .max_concurrent_connections(50_000)
+        .disable_signals()
+        .shutdown_timeout(cfg.shutdown_timeout_s);
+    let shutdown = builder.graceful_shutdown_signal();
+
+    let mut arbiters = Vec::new();
+    let mut inboxes = Vec::new();
+    for _ in 0..cfg.socket_threads.max(1) {
+        let arbiter = Arbiter::new();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (make_app, shutdown) = (make_app.clone(), shutdown.clone());
+        // The service is built on the thread that runs it (it is not `Send`).
+        arbiter.spawn_fn(move || {
+            actix_rt::spawn(socket_thread(rx, http_service(make_app(), addr, shutdown)));
+        });
+        arbiters.push(arbiter);
+        inboxes.push(tx);
+    }
+    let sockets = Arc::new(SocketThreads {
+        arbiters,
+        inboxes,
+        next: AtomicUsize::new(0),
+    });
+
+    let on_connect = cfg.on_connect;
+    let pool = sockets.clone();
+    builder = builder.listen("presenced", cfg.listener, move || {
+        let http = http_service(make_app(), addr, shutdown.clone());
+        let pool = pool.clone();
+        fn_factory(move || {
+            let fut = http.new_service(());
+            let pool = pool.clone();
+            async move {
+                let svc = Rc::new(fut.await?);
+                Ok::<_, ()>(fn_service(move |io: TcpStream| {
+                    let (svc, pool) = (svc.clone(), pool.clone());
+                    async move {
+                        on_connect(&io);
+                        if opens_socket(&io).await {
+                            match io.into_std() {
+                                Ok(std) => match pool.hand(std) {
+                                    Ok(()) => return Ok(()),
+                                    // Stopping: serve it here (the registry refuses it).
+                                    Err(std) => {
+                                        let io = TcpStream::from_std(std).map_err(|_| ())?;
+                                        return svc.call(io).await.map_err(|_| ());
+                                    }
+                                },
+                                Err(e) => {
+                                    log::debug!("socket hand-off failed: {e}");
+                                    return Err(());
+                                }
+                            }
+                        }
+                        svc.call(io).await.map_err(|_| ())
+                    }
+                }))
+            }
+        })
+    })?;
+    Ok(Serving {
+        server: builder.run(),
+        sockets,
+    })
+}
+
+/// One socket thread: builds its own HTTP service (the `App` is per thread) and serves every
+/// connection it is handed on this thread.
+async fn socket_thread<S>(mut inbox: mpsc::UnboundedReceiver<std::net::TcpStream>, factory: S)
+where
+    S: ServiceFactory<TcpStream, Config = (), Response = (), InitError = ()>,
+    S::Service: 'static,
+{
+    let svc = match factory.new_service(()).await {
+        Ok(s) => Rc::new(s),
+        Err(()) => {
+            log::error!("socket thread: the HTTP service failed to start");
+            return;
+        }
+    };
+    while let Some(std) = inbox.recv().await {
+        match TcpStream::from_std(std) {
+            Ok(io) => {
+                let svc = svc.clone();
+                actix_rt::spawn(async move {
+                    let _ = svc.call(io).await;
+                });
+            }
+            Err(e) => log::warn!("socket thread: cannot take a connection: {e}"),
+        }
+    }
+}
+
+/// True when the connection's first request line opens a WebSocket session. Reads nothing: the
+/// bytes are only peeked at, and whoever serves the connection reads them.
+async fn opens_socket(io: &TcpStream) -> bool {
+    let longest = SOCKET_REQUESTS.iter().map(|p| p.len()).max().unwrap_or(0);
+    let mut buf = [0u8; 32];
+    let wait = async {
+        loop {
+            let n = match io.peek(&mut buf[..longest]).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => n,
+            };
+            match first_line_kind(&buf[..n]) {
+                Some(socket) => return socket,
+                // Only part of the request line has come: look again shortly (a peek of data
+                // already seen would return at once, so it cannot simply be awaited again).
+                None => actix_rt::time::sleep(Duration::from_millis(1)).await,
+            }
+        }
+    };
+    actix_rt::time::timeout(FIRST_LINE_WAIT, wait)
+        .await
+        .unwrap_or(false)
+}
+
+/// `Some(true)`: a socket upgrade; `Some(false)`: anything else; `None`: too few bytes to tell.
+fn first_line_kind(seen: &[u8]) -> Option<bool> {
+    let mut undecided = false;
+    for p in SOCKET_REQUESTS {
+        if seen.len() >= p.len() {
+            if seen.starts_with(p) {
+                return Some(true);
+            }
+        } else if p.starts_with(seen) {
+            undecided = true;
+        }
+    }
+    if undecided {
+        None
+    } else {
+        Some(false)
+    }
+}
+
+/// The HTTP/1 service of one thread, with actix-web's `HttpServer` settings.
+fn http_service<T, B>(
+    app: App<T>,
+    addr: SocketAddr,
+    shutdown: GracefulShutdownSignal,
+) -> impl ServiceFactory<TcpStream, Config = (), Response = (), InitError = ()>
+where
+    T: ServiceFactory<
+            ServiceRequest,
+            Config = (),
+            Response = ServiceResponse<B>,
+            Error = actix_web::Error,
+            InitError = (),
+        > + 'static,
+    B: MessageBody + 'static,
+{
+    let app_config = AppConfig::__priv_test_new(false, addr.to_string(), addr);
+    let app = actix_service::IntoServiceFactory::<_, Request>::into_factory(app)
+        .map_err(|e: actix_web::Error| e.error_response());
+    HttpService::build()
+        .graceful_shutdown_signal(move || {
+            let s = shutdown.clone();
+            async move { s.notified().await }
+        })
+        .keep_alive(KeepAlive::default())
+        .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
+        .client_disconnect_timeout(CLIENT_DISCONNECT_TIMEOUT)
+        .h1_allow_half_closed(true)
+        .h1_write_buffer_size(WRITE_BUFFER)
+        .local_addr(addr)
+        .finish(map_config(app, move |_| app_config.clone()))
+        .tcp()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_line_kind;
+
+    #[test]
+    fn the_first_request_line_tells_sockets_from_http() {
+        assert_eq!(
+            first_line_kind(b"GET /socket/websocket?vsn=2.0.0 HTTP/1.1"),
+            Some(true)
+        );
+        assert_eq!(
+            first_line_kind(b"GET /api/v1/realtime/websocket?token=x"),
+            Some(true)
+        );
+        assert_eq!(
+            first_line_kind(b"GET /api/v1/accounts HTTP/1.1"),
+            Some(false)
+        );
+        assert_eq!(first_line_kind(b"POST /socket/websocket"), Some(false));
+        assert_eq!(first_line_kind(b"GET /healthz"), Some(false));
+        // Too little to tell yet.
+        assert_eq!(first_line_kind(b"GE"), None);
+        assert_eq!(first_line_kind(b"GET /"), None);
+        assert_eq!(first_line_kind(b"GET /api/v1/rea"), None);
+        assert_eq!(first_line_kind(b""), None);
+    }
+}
