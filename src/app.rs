@@ -282,7 +282,7 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let http::serve::Serving { server, sockets } = self.serving;
         let res = server.await;
-        sockets.stop();
+        sockets.stop_when_drained().await;
         self.registry_arbiter.stop();
         if let Some(a) = self.cluster_arbiter {
             a.stop();

@@ -36,9 +36,8 @@ use tokio::sync::mpsc;
 
 /// Request lines that open a WebSocket session.
 const SOCKET_REQUESTS: [&[u8]; 2] = [b"GET /socket/websocket", b"GET /api/v1/realtime/websocket"];
-/// How long a new connection may take to send its request line before it is served as HTTP
-/// anyway (which then applies its own request timeout).
-const FIRST_LINE_WAIT: Duration = Duration::from_secs(5);
+/// Connections one thread serves at most, of either kind (as actix-web's `HttpServer`).
+const MAX_CONNECTIONS: usize = 50_000;
 /// Same as actix-web's `HttpServer` defaults.
 const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const CLIENT_DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -62,26 +61,77 @@ pub struct Serving {
     pub sockets: Arc<SocketThreads>,
 }
 
-/// The socket threads and the channels that hand them connections.
+/// The socket threads, the channels that hand them connections, and how many each serves.
 pub struct SocketThreads {
-    arbiters: Vec<Arbiter>,
-    inboxes: Vec<mpsc::UnboundedSender<std::net::TcpStream>>,
-    next: AtomicUsize,
+    threads: Vec<SocketThread>,
+    /// How long a stopping server waits for the sessions to finish closing.
+    grace: Duration,
+}
+
+struct SocketThread {
+    arbiter: Arbiter,
+    inbox: mpsc::UnboundedSender<std::net::TcpStream>,
+    live: Arc<AtomicUsize>,
 }
 
 impl SocketThreads {
-    /// Stops the threads (once the server has stopped: their sessions are closed by then).
-    pub fn stop(&self) {
-        for a in &self.arbiters {
-            a.stop();
+    /// Connections being served on the socket threads.
+    pub fn live(&self) -> usize {
+        self.threads
+            .iter()
+            .map(|t| t.live.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Once the server has stopped: waits (up to the shutdown timeout) for the sessions, told
+    /// to close by then, to finish, then stops the threads.
+    pub async fn stop_when_drained(&self) {
+        let start = std::time::Instant::now();
+        while self.live() > 0 && start.elapsed() < self.grace {
+            actix_rt::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.stop();
+    }
+
+    fn stop(&self) {
+        for t in &self.threads {
+            t.arbiter.stop();
         }
     }
 
-    /// Gives a connection to the next socket thread. `Err` gives it back (the thread is gone,
-    /// which happens only while stopping).
+    /// Gives a connection to the socket thread serving the fewest. `Err` gives it back: every
+    /// thread is at its cap, or stopping.
     fn hand(&self, io: std::net::TcpStream) -> Result<(), std::net::TcpStream> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.inboxes.len();
-        self.inboxes[i].send(io).map_err(|e| e.0)
+        let Some(t) = self
+            .threads
+            .iter()
+            .min_by_key(|t| t.live.load(Ordering::Relaxed))
+        else {
+            return Err(io);
+        };
+        if t.live.fetch_add(1, Ordering::Relaxed) >= MAX_CONNECTIONS {
+            t.live.fetch_sub(1, Ordering::Relaxed);
+            return Err(io);
+        }
+        t.inbox.send(io).map_err(|e| {
+            t.live.fetch_sub(1, Ordering::Relaxed);
+            e.0
+        })
+    }
+}
+
+impl Drop for SocketThreads {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Counts a connection off its socket thread when its task ends, however it ends.
+struct Live(Arc<AtomicUsize>);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -102,28 +152,31 @@ where
     let mut builder = Server::build()
         .workers(cfg.workers.max(1))
         .backlog(4096)
-        .max_concurrent_connections(50_000)
+        .max_concurrent_connections(MAX_CONNECTIONS)
         .disable_signals()
         .shutdown_timeout(cfg.shutdown_timeout_s);
     let shutdown = builder.graceful_shutdown_signal();
 
-    let mut arbiters = Vec::new();
-    let mut inboxes = Vec::new();
+    let mut threads = Vec::new();
     for _ in 0..cfg.socket_threads.max(1) {
         let arbiter = Arbiter::new();
-        let (tx, rx) = mpsc::unbounded_channel();
-        let (make_app, shutdown) = (make_app.clone(), shutdown.clone());
+        let (inbox, rx) = mpsc::unbounded_channel();
+        let live = Arc::new(AtomicUsize::new(0));
+        let (make_app, shutdown, count) = (make_app.clone(), shutdown.clone(), live.clone());
         // The service is built on the thread that runs it (it is not `Send`).
         arbiter.spawn_fn(move || {
-            actix_rt::spawn(socket_thread(rx, http_service(make_app(), addr, shutdown)));
+            let factory = http_service(make_app(), addr, shutdown);
+            actix_rt::spawn(socket_thread(rx, factory, count));
         });
-        arbiters.push(arbiter);
-        inboxes.push(tx);
+        threads.push(SocketThread {
+            arbiter,
+            inbox,
+            live,
+        });
     }
     let sockets = Arc::new(SocketThreads {
-        arbiters,
-        inboxes,
-        next: AtomicUsize::new(0),
+        threads,
+        grace: Duration::from_secs(cfg.shutdown_timeout_s),
     });
 
     let on_connect = cfg.on_connect;
@@ -140,11 +193,14 @@ where
                     let (svc, pool) = (svc.clone(), pool.clone());
                     async move {
                         on_connect(&io);
-                        if opens_socket(&io).await {
-                            match io.into_std() {
+                        match first_line(&io).await {
+                            FirstLine::Http => {}
+                            FirstLine::Silent => return Ok(()),
+                            FirstLine::Socket => match io.into_std() {
                                 Ok(std) => match pool.hand(std) {
                                     Ok(()) => return Ok(()),
-                                    // Stopping: serve it here (the registry refuses it).
+                                    // Every socket thread is full, or stopping: serve it
+                                    // here (while stopping, the registry refuses it).
                                     Err(std) => {
                                         let io = TcpStream::from_std(std).map_err(|_| ())?;
                                         return svc.call(io).await.map_err(|_| ());
@@ -154,7 +210,7 @@ where
                                     log::debug!("socket hand-off failed: {e}");
                                     return Err(());
                                 }
-                            }
+                            },
                         }
                         svc.call(io).await.map_err(|_| ())
                     }
@@ -170,8 +226,11 @@ where
 
 /// One socket thread: builds its own HTTP service (the `App` is per thread) and serves every
 /// connection it is handed on this thread.
-async fn socket_thread<S>(mut inbox: mpsc::UnboundedReceiver<std::net::TcpStream>, factory: S)
-where
+async fn socket_thread<S>(
+    mut inbox: mpsc::UnboundedReceiver<std::net::TcpStream>,
+    factory: S,
+    live: Arc<AtomicUsize>,
+) where
     S: ServiceFactory<TcpStream, Config = (), Response = (), InitError = ()>,
     S::Service: 'static,
 {
@@ -183,11 +242,13 @@ where
         }
     };
     while let Some(std) = inbox.recv().await {
+        let counted = Live(live.clone());
         match TcpStream::from_std(std) {
             Ok(io) => {
                 let svc = svc.clone();
                 actix_rt::spawn(async move {
                     let _ = svc.call(io).await;
+                    drop(counted);
                 });
             }
             Err(e) => log::warn!("socket thread: cannot take a connection: {e}"),
@@ -195,28 +256,44 @@ where
     }
 }
 
-/// True when the connection's first request line opens a WebSocket session. Reads nothing: the
-/// bytes are only peeked at, and whoever serves the connection reads them.
-async fn opens_socket(io: &TcpStream) -> bool {
+/// Where a new connection is served, from its first request line. Reads nothing: the bytes
+/// are only peeked at, and whoever serves the connection reads them.
+async fn first_line(io: &TcpStream) -> FirstLine {
     let longest = SOCKET_REQUESTS.iter().map(|p| p.len()).max().unwrap_or(0);
     let mut buf = [0u8; 32];
-    let wait = async {
-        loop {
-            let n = match io.peek(&mut buf[..longest]).await {
-                Ok(0) | Err(_) => return false,
-                Ok(n) => n,
-            };
-            match first_line_kind(&buf[..n]) {
-                Some(socket) => return socket,
-                // Only part of the request line has come: look again shortly (a peek of data
-                // already seen would return at once, so it cannot simply be awaited again).
-                None => actix_rt::time::sleep(Duration::from_millis(1)).await,
-            }
+    // The first bytes: awaited without polling, as long as a client may take to send a request.
+    let mut n =
+        match actix_rt::time::timeout(CLIENT_REQUEST_TIMEOUT, io.peek(&mut buf[..longest])).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return FirstLine::Http,
+            Ok(Ok(n)) => n,
+            Err(_) => return FirstLine::Silent,
+        };
+    // When only part of the line has come, look again after growing pauses (peeking at bytes
+    // already seen returns at once, so it cannot be awaited), ~0.13 s in all; then serve it
+    // where it is (both kinds of thread answer every request the same way).
+    let mut pauses = [1, 2, 4, 8, 16, 32, 64].into_iter();
+    loop {
+        match first_line_kind(&buf[..n]) {
+            Some(true) => return FirstLine::Socket,
+            Some(false) => return FirstLine::Http,
+            None => {}
         }
-    };
-    actix_rt::time::timeout(FIRST_LINE_WAIT, wait)
-        .await
-        .unwrap_or(false)
+        let Some(pause) = pauses.next() else {
+            return FirstLine::Http;
+        };
+        actix_rt::time::sleep(Duration::from_millis(pause)).await;
+        n = match io.peek(&mut buf[..longest]).await {
+            Ok(0) | Err(_) => return FirstLine::Http,
+            Ok(n) => n,
+        };
+    }
+}
+
+enum FirstLine {
+    Socket,
+    Http,
+    /// Nothing sent within the request timeout: closed, as the HTTP service would.
+    Silent,
 }
 
 /// `Some(true)`: a socket upgrade; `Some(false)`: anything else; `None`: too few bytes to tell.
@@ -254,6 +331,8 @@ where
         > + 'static,
     B: MessageBody + 'static,
 {
+    // What `HttpServer` passes (`AppConfig::new` is crate-private in actix-web 4.18; this is its
+    // public twin).
     let app_config = AppConfig::__priv_test_new(false, addr.to_string(), addr);
     let app = actix_service::IntoServiceFactory::<_, Request>::into_factory(app)
         .map_err(|e: actix_web::Error| e.error_response());

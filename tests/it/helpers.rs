@@ -52,6 +52,7 @@ pub fn test_settings(dir: &std::path::Path) -> Settings {
     let mut s = Settings::default();
     s.server.bind = "127.0.0.1:0".into();
     s.server.workers = 2;
+    s.server.socket_threads = 2;
     s.server.shutdown_timeout_s = 1;
     s.database.url = format!("sqlite://{}", dir.join("test.db").display());
     s.database.pool_size = 4;
