@@ -2,7 +2,6 @@
 //! → HTTP server. `Application::build` binds the listener (port 0 works) so tests can start real
 //! nodes; `shutdown` is the one graceful-stop path, used by signals and tests alike.
 
-use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -209,7 +208,7 @@ impl Application {
         });
 
         let addr = settings.bind_addr()?;
-        let listener = TcpListener::bind(addr).map_err(|source| StartError::Bind {
+        let listener = http::serve::listen(addr).map_err(|source| StartError::Bind {
             addr: addr.to_string(),
             source,
         })?;

@@ -45,6 +45,22 @@ const CLIENT_DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// not keep the buffer of the largest frame they ever got.
 const WRITE_BUFFER: usize = 4096;
 
+/// Connections the kernel queues for the acceptor (capped by `net.core.somaxconn`). Std's
+/// `TcpListener::bind` asks for 128, which a connect storm overflows in a few milliseconds
+/// whenever the acceptor thread waits for a core; each connection dropped then retries its SYN a
+/// second later.
+const BACKLOG: i32 = 4096;
+
+/// Binds the listening socket, as `TcpListener::bind` does but with a long accept queue.
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
 /// What the server is built from.
 pub struct ServeConfig {
     pub listener: TcpListener,
@@ -151,7 +167,6 @@ where
     let addr = cfg.listener.local_addr()?;
     let mut builder = Server::build()
         .workers(cfg.workers.max(1))
-        .backlog(4096)
         .max_concurrent_connections(MAX_CONNECTIONS)
         .disable_signals()
         .shutdown_timeout(cfg.shutdown_timeout_s);
@@ -353,7 +368,22 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::first_line_kind;
+    use super::{first_line_kind, listen};
+
+    /// The kernel completes handshakes into the accept queue by itself, so a listener nobody
+    /// accepts on shows how many it queues: with std's 128 the next SYN is dropped and its
+    /// connect waits for a retransmission (one second, then three).
+    #[test]
+    fn the_listener_queues_a_connect_storm_instead_of_dropping_it() {
+        let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut held = Vec::new();
+        for i in 0..400 {
+            let c = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))
+                .unwrap_or_else(|e| panic!("connection {i} not queued: {e}"));
+            held.push(c);
+        }
+    }
 
     #[test]
     fn the_first_request_line_tells_sockets_from_http() {
