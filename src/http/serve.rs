@@ -118,9 +118,12 @@ impl SocketThreads {
     /// Gives a connection to the socket thread serving the fewest. `Err` gives it back: every
     /// thread is at its cap, or stopping.
     fn hand(&self, io: std::net::TcpStream) -> Result<(), std::net::TcpStream> {
+        // A thread whose service failed to start (logged) has dropped its inbox: skip it, or its
+        // count of zero would draw every socket to it.
         let Some(t) = self
             .threads
             .iter()
+            .filter(|t| !t.inbox.is_closed())
             .min_by_key(|t| t.live.load(Ordering::Relaxed))
         else {
             return Err(io);
