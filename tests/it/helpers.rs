@@ -532,3 +532,14 @@ impl Drop for ChildNode {
         let _ = self.child.wait();
     }
 }
+
+/// The `Content-Length` of an HTTP response head written out as text (0 when absent).
+pub fn content_length(head: &str) -> usize {
+    head.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0)
+}

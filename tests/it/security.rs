@@ -151,14 +151,7 @@ async fn raw_request(port: u16, head: &str) -> (u16, Value, String) {
         if status == 101 {
             return (status, Value::Null, String::new());
         }
-        let len: usize = head
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.eq_ignore_ascii_case("content-length")
-                    .then(|| v.trim().parse().ok())?
-            })
-            .unwrap_or(0);
+        let len = content_length(&head);
         while buf.len() < header_end + len {
             let n = s.read(&mut chunk).await.expect("read body");
             assert!(n > 0, "connection closed inside the body");

@@ -219,29 +219,18 @@ async fn a_lone_surrogate_in_a_frame_is_a_malformed_frame_and_the_socket_stays_u
 
 #[actix_web::test]
 async fn invalid_utf8_in_a_text_frame_closes_only_that_socket() {
-    use std::io::{Read, Write};
+    use std::io::Read;
     let app = spawn_app().await;
     let acc = app.create_account("Acme").await;
     let token = app.user_token(&acc, "ann");
     let port = app.port;
     // A raw client: the WebSocket handshake by hand, then a masked text frame of invalid UTF-8.
     let closed = actix_web::rt::task::spawn_blocking(move || {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
-        write!(
-            s,
-            "GET /socket/websocket?vsn=2.0.0&token={token} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-        )
-        .unwrap();
-        let mut head = [0u8; 1024];
-        let n = s.read(&mut head).unwrap();
-        assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 101"));
-        let payload = [0xff_u8, 0xfe, 0xfd];
-        let mask = [1u8, 2, 3, 4];
-        let mut frame = vec![0x81, 0x80 | payload.len() as u8];
-        frame.extend_from_slice(&mask);
-        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        s.write_all(&frame).unwrap();
+        let mut s = raw::connect(port);
+        std::io::Write::write_all(&mut s, raw::handshake(&token).as_bytes()).unwrap();
+        let head = raw::read_response(&mut s);
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        raw::send_text_bytes(&mut s, &[0xff, 0xfe, 0xfd]);
         // The server closes this socket (a close frame, then EOF).
         let mut rest = Vec::new();
         let _ = s.read_to_end(&mut rest);
@@ -499,27 +488,23 @@ mod raw {
             buf.push(byte[0]);
         }
         let head = String::from_utf8(buf).unwrap();
-        let len: usize = head
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.eq_ignore_ascii_case("content-length")
-                    .then(|| v.trim().parse().ok())?
-            })
-            .unwrap_or(0);
-        let mut body = vec![0u8; len];
+        let mut body = vec![0u8; crate::helpers::content_length(&head)];
         s.read_exact(&mut body).unwrap();
         head
     }
 
-    pub fn send_text(s: &mut TcpStream, text: &str) {
-        let payload = text.as_bytes();
+    /// A final, masked text frame of any bytes (valid UTF-8 or not), shorter than 126.
+    pub fn send_text_bytes(s: &mut TcpStream, payload: &[u8]) {
         assert!(payload.len() < 126);
         let mask = [7u8, 1, 9, 3];
         let mut frame = vec![0x81, 0x80 | payload.len() as u8];
         frame.extend_from_slice(&mask);
         frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
         s.write_all(&frame).unwrap();
+    }
+
+    pub fn send_text(s: &mut TcpStream, text: &str) {
+        send_text_bytes(s, text.as_bytes());
     }
 
     /// The next text frame from the server.
@@ -609,7 +594,7 @@ async fn a_socket_upgraded_on_a_kept_alive_connection_after_api_calls_works() {
     let acc = app.create_account("Acme").await;
     let token = app.user_token(&acc, "ann");
     let port = app.port;
-    actix_web::rt::task::spawn_blocking(move || {
+    let open = actix_web::rt::task::spawn_blocking(move || {
         let mut s = raw::connect(port);
         for _ in 0..2 {
             s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -627,9 +612,11 @@ async fn a_socket_upgraded_on_a_kept_alive_connection_after_api_calls_works() {
         );
         let reply = raw::read_text(&mut s);
         assert_eq!(reply[4]["status"], "ok", "{reply}");
+        s
     })
     .await
     .unwrap();
+    // Joined for the API too, while the socket is still open.
     let (status, body) = app
         .get(
             &format!("/api/v1/accounts/{}/rooms/lobby/presence", acc.id),
@@ -637,4 +624,9 @@ async fn a_socket_upgraded_on_a_kept_alive_connection_after_api_calls_works() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["presences"]["ann"]["metas"][0]["status"], "online",
+        "{body}"
+    );
+    drop(open);
 }
