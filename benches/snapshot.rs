@@ -4,6 +4,9 @@
 //! - `full/N`: every row changed (as in the first tick after a restart, when every session's
 //!   ghost deadline moves), against a baseline loaded from the database.
 //! - `steady/N`: a warm writer where 1 % of the sessions changed status since the last tick.
+//! - `churn/N`: a warm writer after one 5 s tick of `presenced-load churn` at 2 000 changes/s
+//!   over N sessions in N/20 rooms: 10 000 changes, 60 % status changes, 20 % room moves and
+//!   20 % reconnects (a new session id: a removed row, closed intervals, a new row, new ones).
 //!
 //! Run: `cargo bench --bench snapshot` (PostgreSQL from `PRESENCED_TEST_PG`, default
 //! postgres://postgres@127.0.0.1:5432/test; a fresh database is created and dropped).
@@ -60,6 +63,98 @@ fn snapshot(n: u64, changed: u64, status: &str, at: i64) -> EngineSnapshot {
             followers: 0,
         }],
         rooms,
+    }
+}
+
+/// The churn scenario's sessions: one room each, evolving tick by tick.
+struct Churn {
+    /// (session id, room, status ref) by user.
+    users: Vec<(u64, u64, u64)>,
+    rooms: u64,
+    next: u64,
+    rng: u64,
+}
+
+impl Churn {
+    fn new(n: u64) -> Churn {
+        let rooms = (n / 20).max(1);
+        Churn {
+            users: (0..n).map(|i| (i + 1, i % rooms, i * 2 + 1)).collect(),
+            rooms,
+            next: n + 1,
+            rng: 0x9E37_79B9_7F4A_7C15,
+        }
+    }
+
+    fn roll(&mut self) -> u64 {
+        // xorshift64: reproducible without a dependency.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    /// Applies `changes` changes: 60 % status, 20 % room moves, 20 % reconnects.
+    fn tick(&mut self, changes: usize) {
+        for _ in 0..changes {
+            let u = (self.roll() % self.users.len() as u64) as usize;
+            self.next += 1;
+            let next = self.next;
+            match self.roll() % 100 {
+                0..60 => self.users[u].2 = next * 2 + 1,
+                60..80 => self.users[u].1 = self.roll() % self.rooms,
+                _ => {
+                    self.users[u].0 = next;
+                    self.users[u].2 = next * 2 + 1;
+                }
+            }
+        }
+    }
+
+    fn snapshot(&self, at: i64) -> EngineSnapshot {
+        let account: Arc<str> = "acc_churn".into();
+        let meta = |i: usize| {
+            let (session, _, phx_ref) = self.users[i];
+            let mut fields = serde_json::Map::new();
+            fields.insert("name".into(), serde_json::Value::from(format!("User {i}")));
+            fields.insert("t".into(), serde_json::Value::from(phx_ref));
+            Meta {
+                phx_ref: Ref(phx_ref),
+                phx_ref_prev: None,
+                session: SessionId(session),
+                status: if phx_ref % 3 == 0 { "away" } else { "online" }.into(),
+                online_at: 1_800_000_000_000,
+                device: Some(format!("dev{i}").into()),
+                fields: Arc::new(fields),
+            }
+        };
+        let mut members: Vec<Vec<usize>> = vec![Vec::new(); self.rooms as usize];
+        for (i, u) in self.users.iter().enumerate() {
+            members[u.1 as usize].push(i);
+        }
+        EngineSnapshot {
+            taken_at: at,
+            accounts: vec![AccountSnapshot {
+                account: account.clone(),
+                connections: (0..self.users.len())
+                    .map(|i| (Key::from(format!("u{i}")), meta(i), None))
+                    .collect(),
+                departed: Vec::new(),
+                followers: 0,
+            }],
+            rooms: members
+                .into_iter()
+                .enumerate()
+                .map(|(r, m)| RoomSnapshot {
+                    account: account.clone(),
+                    room: format!("room{r}").into(),
+                    members: m
+                        .into_iter()
+                        .map(|i| (Key::from(format!("u{i}")), meta(i), None))
+                        .collect(),
+                })
+                .collect(),
+        }
     }
 }
 
@@ -120,6 +215,25 @@ fn bench_backend(c: &mut Criterion, name: &str, url: &str) {
             })
         });
     }
+    let n = 20_000u64;
+    let mut churn = Churn::new(n);
+    let mut w = writer(&store);
+    let mut at = 1_900_000_000_000i64;
+    w.write(churn.snapshot(at)).expect("warm");
+    g.bench_function(BenchmarkId::new("churn", n), |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                at += 5_000;
+                churn.tick(10_000);
+                let snap = churn.snapshot(at);
+                let t = Instant::now();
+                w.write(snap).expect("write");
+                total += t.elapsed();
+            }
+            total
+        })
+    });
     g.finish();
 }
 
