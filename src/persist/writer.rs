@@ -1,6 +1,9 @@
 //! The snapshot writer: a `SyncArbiter` actor that owns the database side of persistence. It
 //! turns an `EngineSnapshot` (plain data from the actor tree) into rows, diffs them against what
-//! the database is known to hold, and writes only the difference in one transaction per tick.
+//! the database is known to hold, and writes only the difference, in slices of at most
+//! `SLICE_SESSIONS` sessions, one transaction each. A periodic tick rests between slices
+//! (`Pace`), so a heavy tick under churn spreads over the snapshot interval instead of taking a
+//! core in one burst; a flush writes at once.
 //!
 //! Nothing is queued per tick: the desired state is recomputed from the live actors every time,
 //! so a tick that fails (database down) costs nothing but a retry, and the first tick that
@@ -8,8 +11,9 @@
 //! `last_seen` of users who went away — waits in bounded buffers until a write succeeds.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -221,11 +225,12 @@ fn views(snap: &EngineSnapshot) -> HashMap<u64, View<'_>> {
     out
 }
 
-/// Write what the actor tree holds now.
+/// Write what the actor tree holds now; paced for a periodic tick, at once for a flush.
 #[derive(Message)]
 #[rtype(result = "Result<TickReport, String>")]
 pub struct WriteTick {
     pub snap: EngineSnapshot,
+    pub pace: Option<Pace>,
 }
 
 /// What the database held for this node at start-up (restored into the actors): the baseline
@@ -252,6 +257,8 @@ pub struct TickReport {
     pub last_seen: usize,
     pub intervals_opened: usize,
     pub intervals_closed: usize,
+    /// Transactions the tick took (see `SLICE_SESSIONS`).
+    pub slices: usize,
     pub build_ms: f64,
     pub write_ms: f64,
     /// The snapshot was older than one already written (a flush overtook a tick) and skipped.
@@ -367,8 +374,25 @@ impl Writer {
         self.metrics.rows.set(self.committed.len() as i64);
     }
 
-    /// Writes one tick (what `WriteTick` does); public for the benchmarks.
+    /// Writes one tick at once (a flush, the benchmarks); see `write_paced`.
     pub fn write(&mut self, snap: EngineSnapshot) -> Result<TickReport, String> {
+        self.write_paced(snap, None)
+    }
+
+    /// Writes one tick: the sessions whose row changed since the last commit, the sessions that
+    /// went away, the samples and `last_seen` due. The work is cut into slices of at most
+    /// `SLICE_SESSIONS` sessions, each its own transaction holding everything about its
+    /// sessions (row, opened and closed intervals), so the database is consistent per session
+    /// after every slice and `committed` follows it slice by slice: a slice that fails leaves
+    /// its sessions to the next tick.
+    ///
+    /// With a `pace`, the writer rests after each slice (see `Pace`), spreading a heavy tick
+    /// over the snapshot interval instead of taking a core from the actors in one burst.
+    pub fn write_paced(
+        &mut self,
+        snap: EngineSnapshot,
+        pace: Option<&Pace>,
+    ) -> Result<TickReport, String> {
         if snap.taken_at < self.committed_at {
             return Ok(TickReport {
                 stale: true,
@@ -419,16 +443,120 @@ impl Writer {
             .collect();
 
         let views = views(&snap);
-        let mut upserts = Vec::new();
-        let mut changed: Vec<(u64, Held)> = Vec::new();
-        let mut opened = Vec::new();
-        let mut closed = Vec::new();
-        for (session, view) in &views {
-            let fp = view.fingerprint();
-            let before = self.committed.get(session);
-            if before.is_some_and(|b| b.fingerprint == fp) {
-                continue;
+        let mut dirty: Vec<(u64, u64)> = views
+            .iter()
+            .map(|(session, view)| (*session, view.fingerprint()))
+            .filter(|(session, fp)| {
+                self.committed
+                    .get(session)
+                    .is_none_or(|b| b.fingerprint != *fp)
+            })
+            .collect();
+        let mut gone: Vec<u64> = self
+            .committed
+            .keys()
+            .filter(|s| !views.contains_key(*s))
+            .copied()
+            .collect();
+        // In key order, so that each slice touches a narrow range of the tables' pages: a page
+        // dirtied by several slices is written (and checkpointed) once per slice.
+        dirty.sort_by_cached_key(|(s, _)| SessionId(*s).to_string());
+        gone.sort_by_cached_key(|s| SessionId(*s).to_string());
+        let mut report = TickReport {
+            sessions: views.len(),
+            build_ms: started.elapsed().as_secs_f64() * 1000.0,
+            ..TickReport::default()
+        };
+
+        // Slice 0 also carries the samples and last_seen; there is always one, so a quiet tick
+        // still writes those.
+        let mut dirty_slices = dirty.chunks(SLICE_SESSIONS);
+        let mut gone_slices = gone.chunks(SLICE_SESSIONS);
+        let mut first = true;
+        loop {
+            let (dirty, gone) = if let Some(d) = dirty_slices.next() {
+                (d, &[][..])
+            } else if let Some(g) = gone_slices.next() {
+                (&[][..], g)
+            } else if first {
+                (&[][..], &[][..])
+            } else {
+                break;
+            };
+            let slice_started = Instant::now();
+            let slice = self.slice(&views, dirty, gone, now);
+            let samples: Vec<Sample> = match first {
+                true => self.pending_samples.iter().cloned().collect(),
+                false => Vec::new(),
+            };
+            let no_seen = Vec::new();
+            let batch = SnapshotBatch {
+                node_id: &self.cfg.node_id,
+                upserts: &slice.upserts,
+                removals: &slice.removals,
+                samples: &samples,
+                last_seen: if first { &last_seen } else { &no_seen },
+                opened: &slice.opened,
+                closed: &slice.closed,
+            };
+            let build_ms = slice_started.elapsed().as_secs_f64() * 1000.0;
+            let write_started = Instant::now();
+            self.store
+                .write_snapshot(&batch)
+                .map_err(|e| e.to_string())?;
+            report.build_ms += build_ms;
+            report.write_ms += write_started.elapsed().as_secs_f64() * 1000.0;
+            report.slices += 1;
+            report.upserted += slice.upserts.len();
+            report.removed += slice.removals.len();
+            report.intervals_opened += slice.opened.len();
+            report.intervals_closed += slice.closed.len();
+            // Committed: now the database holds this slice.
+            for s in gone {
+                self.committed.remove(s);
             }
+            self.committed.extend(slice.changed);
+            if first {
+                report.samples = samples.len();
+                report.last_seen = last_seen.len();
+                self.pending_samples.clear();
+                self.metrics.samples_buffered.set(0);
+                self.pending_seen.clear();
+                for k in refreshed.drain(..) {
+                    self.written_seen.insert(k, now);
+                }
+                self.written_seen
+                    .retain(|(a, u), _| online.contains(&(a, u)));
+                first = false;
+            }
+            self.metrics.rows.set(self.committed.len() as i64);
+            if let Some(pace) = pace {
+                pace.rest(slice_started.elapsed());
+            }
+        }
+        // One checkpoint for all the slices (see `Store::checkpoint`); a failed one only
+        // leaves the WAL to the next tick.
+        let checkpoint_started = Instant::now();
+        if let Err(e) = self.store.checkpoint() {
+            log::warn!("snapshot: WAL checkpoint failed: {e}");
+        }
+        report.write_ms += checkpoint_started.elapsed().as_secs_f64() * 1000.0;
+        self.committed_at = now;
+        Ok(report)
+    }
+
+    /// Rows, interval changes and new `committed` entries for the sessions of one slice.
+    fn slice(
+        &self,
+        views: &HashMap<u64, View<'_>>,
+        dirty: &[(u64, u64)],
+        gone: &[u64],
+        now: i64,
+    ) -> Slice {
+        let mut out = Slice::default();
+        for (session, fp) in dirty {
+            let view = &views[session];
+            let before = self.committed.get(session);
             let row = view.row(&self.cfg.node_id, now);
             let places = view.places();
             for (i, place) in places.iter().enumerate() {
@@ -437,7 +565,7 @@ impl Writer {
                         0 => view.meta.online_at,
                         _ => view.rooms[i - 1].1.online_at,
                     };
-                    opened.push(IntervalOpen {
+                    out.opened.push(IntervalOpen {
                         account_id: row.account_id.clone(),
                         room: place.to_string(),
                         user_id: row.user_id.clone(),
@@ -449,7 +577,7 @@ impl Writer {
             if let Some(b) = before {
                 for place in &b.places {
                     if !places.contains(place) {
-                        closed.push(IntervalClose::Room {
+                        out.closed.push(IntervalClose::Room {
                             session_id: row.session_id.clone(),
                             room: place.to_string(),
                             left_at: now,
@@ -457,72 +585,70 @@ impl Writer {
                     }
                 }
             }
-            upserts.push(row);
-            changed.push((
+            out.upserts.push(row);
+            out.changed.push((
                 *session,
                 Held {
-                    fingerprint: fp,
+                    fingerprint: *fp,
                     places,
                 },
             ));
         }
-        let gone: Vec<u64> = self
-            .committed
-            .keys()
-            .filter(|s| !views.contains_key(*s))
-            .copied()
-            .collect();
-        let removals: Vec<String> = gone.iter().map(|s| SessionId(*s).to_string()).collect();
-        for sid in &removals {
-            closed.push(IntervalClose::Session {
+        for s in gone {
+            let sid = SessionId(*s).to_string();
+            out.closed.push(IntervalClose::Session {
                 session_id: sid.clone(),
                 left_at: now,
             });
+            out.removals.push(sid);
         }
-        let build_ms = started.elapsed().as_secs_f64() * 1000.0;
-        let samples: Vec<Sample> = self.pending_samples.iter().cloned().collect();
-        let batch = SnapshotBatch {
-            node_id: &self.cfg.node_id,
-            upserts: &upserts,
-            removals: &removals,
-            samples: &samples,
-            last_seen: &last_seen,
-            opened: &opened,
-            closed: &closed,
-        };
-        let write_started = Instant::now();
-        self.store
-            .write_snapshot(&batch)
-            .map_err(|e| e.to_string())?;
-        let write_ms = write_started.elapsed().as_secs_f64() * 1000.0;
-        let report = TickReport {
-            sessions: views.len(),
-            upserted: upserts.len(),
-            removed: removals.len(),
-            samples: samples.len(),
-            last_seen: last_seen.len(),
-            intervals_opened: opened.len(),
-            intervals_closed: closed.len(),
-            build_ms,
-            write_ms,
-            stale: false,
-        };
-        // Committed: now the database holds exactly this.
-        for s in gone {
-            self.committed.remove(&s);
+        out
+    }
+}
+
+/// Sessions per transaction of a tick. Small enough that a slice takes a few tens of
+/// milliseconds of CPU (so a paced writer can rest between them), large enough that the
+/// per-transaction cost (commit, WAL frames) stays small next to the rows.
+pub const SLICE_SESSIONS: usize = 500;
+
+/// What one slice of a tick writes.
+#[derive(Default)]
+struct Slice {
+    upserts: Vec<SessionSnapshot>,
+    removals: Vec<String>,
+    opened: Vec<IntervalOpen>,
+    closed: Vec<IntervalClose>,
+    changed: Vec<(u64, Held)>,
+}
+
+/// How a periodic tick spreads its work: after each slice the writer rests so that it is busy
+/// at most `duty` of the time, but never past `deadline` (the tick must end well before the
+/// next one), and not at all while `flushes` is above zero (a flush is waiting behind this
+/// tick: shutdown must not wait for a paced write).
+pub struct Pace {
+    pub duty: f64,
+    pub deadline: Instant,
+    pub flushes: Arc<AtomicUsize>,
+}
+
+impl Pace {
+    fn hurry(&self) -> bool {
+        self.flushes.load(Ordering::Relaxed) > 0
+    }
+
+    fn rest(&self, worked: Duration) {
+        let duty = self.duty.clamp(0.01, 1.0);
+        let want = worked.mul_f64((1.0 - duty) / duty);
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        // Rest in short naps so a flush that arrives meanwhile cuts it short.
+        let until = Instant::now() + want.min(left);
+        while !self.hurry() {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::sleep(left.min(Duration::from_millis(20)));
         }
-        self.committed.extend(changed);
-        self.committed_at = now;
-        self.pending_samples.clear();
-        self.metrics.samples_buffered.set(0);
-        self.pending_seen.clear();
-        for k in refreshed {
-            self.written_seen.insert(k, now);
-        }
-        self.written_seen
-            .retain(|(a, u), _| online.contains(&(a, u)));
-        self.metrics.rows.set(self.committed.len() as i64);
-        Ok(report)
     }
 }
 
@@ -542,7 +668,7 @@ impl Handler<WriteTick> for Writer {
     type Result = Result<TickReport, String>;
 
     fn handle(&mut self, msg: WriteTick, _: &mut SyncContext<Self>) -> Self::Result {
-        self.write(msg.snap)
+        self.write_paced(msg.snap, msg.pace.as_ref())
     }
 }
 
@@ -633,5 +759,158 @@ mod tests {
         let a = snap(71);
         let b = snap(72);
         assert_ne!(views(&a)[&7].fingerprint(), views(&b)[&7].fingerprint());
+    }
+
+    /// `n` sessions (ids `first..first + n`), session `i` in room `room(i)`, all with `phx_ref`.
+    fn crowd(
+        ids: std::ops::Range<u64>,
+        room: impl Fn(u64) -> String,
+        phx_ref: u64,
+    ) -> EngineSnapshot {
+        let mut rooms: BTreeMap<String, Vec<HeldMeta>> = BTreeMap::new();
+        let mut connections = Vec::new();
+        for i in ids {
+            let m = meta(i, phx_ref, "online");
+            connections.push((format!("u{i}").into(), m.clone(), None));
+            rooms
+                .entry(room(i))
+                .or_default()
+                .push((format!("u{i}").into(), m, None));
+        }
+        EngineSnapshot {
+            taken_at: 5_000 + phx_ref as i64,
+            accounts: vec![AccountSnapshot {
+                account: "acc".into(),
+                connections,
+                departed: vec![],
+                followers: 0,
+            }],
+            rooms: rooms
+                .into_iter()
+                .map(|(room, members)| RoomSnapshot {
+                    account: "acc".into(),
+                    room: room.into(),
+                    members,
+                })
+                .collect(),
+        }
+    }
+
+    fn writer(store: &Store) -> Writer {
+        let cfg = WriterConfig {
+            node_id: "node".into(),
+            interval_ms: 5_000,
+            sample_interval_ms: 60_000,
+            max_buffered_samples: 1_000,
+            retention: crate::store::RetentionPolicy {
+                raw_ms: 1,
+                rollup_bucket_ms: 1,
+                rollup_ms: 1,
+                batch: 1,
+            },
+        };
+        Writer::new(
+            store.clone(),
+            Arc::new(cfg),
+            PersistMetrics::new(&prometheus::Registry::new()),
+        )
+    }
+
+    fn members(store: &Store, room: &str, at: i64) -> usize {
+        store.intervals_at("acc", room, at, 100_000).unwrap().len()
+    }
+
+    #[test]
+    fn a_tick_of_many_sessions_is_written_in_slices_that_add_up_to_the_whole() {
+        let temp = crate::store::testdb::TempDatabase::sqlite();
+        let store = Store::open(temp.url(), 2).unwrap();
+        let mut w = writer(&store);
+        let n = 2 * SLICE_SESSIONS as u64 + 200;
+        let pace = Pace {
+            duty: 0.5,
+            deadline: Instant::now(),
+            flushes: Arc::new(AtomicUsize::new(0)),
+        };
+        let r = w
+            .write_paced(crowd(1..n + 1, |i| format!("r{}", i % 2), 1), Some(&pace))
+            .unwrap();
+        assert_eq!(
+            (r.upserted, r.slices, r.intervals_opened),
+            (n as usize, 3, 2 * n as usize)
+        );
+        assert_eq!(store.load_snapshot("node").unwrap().len(), n as usize);
+        assert_eq!(
+            members(&store, "r0", 5_001) + members(&store, "r1", 5_001),
+            n as usize
+        );
+
+        // Every session moves to room r2; the first 300 are gone and 100 new ones come.
+        let r = w
+            .write(crowd(301..n + 101, |_| "r2".to_string(), 2))
+            .unwrap();
+        assert_eq!(r.removed, 300);
+        assert_eq!(r.upserted, n as usize - 200);
+        let rows = store.load_snapshot("node").unwrap();
+        assert_eq!(rows.len(), n as usize - 200);
+        assert!(rows.iter().all(|r| r.rooms.contains("\"r2\"")));
+        assert_eq!(
+            members(&store, "r0", 5_002) + members(&store, "r1", 5_002),
+            0
+        );
+        assert_eq!(members(&store, "r2", 5_002), n as usize - 200);
+        assert_eq!(members(&store, "", 5_002), n as usize - 200);
+
+        // What every slice committed is what the writer now diffs against: nothing to do.
+        let r = w
+            .write(crowd(301..n + 101, |_| "r2".to_string(), 2))
+            .unwrap();
+        assert_eq!((r.upserted, r.removed, r.intervals_opened), (0, 0, 0));
+    }
+
+    #[test]
+    fn a_waiting_flush_cuts_a_paced_tick_s_rest_short() {
+        let pace = Pace {
+            duty: 0.01,
+            deadline: Instant::now() + Duration::from_secs(3_600),
+            flushes: Arc::new(AtomicUsize::new(1)),
+        };
+        // Without the flush this would rest for the hour the deadline allows.
+        pace.rest(Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_slice_that_fails_leaves_its_sessions_to_the_next_tick_and_keeps_the_others() {
+        let temp = crate::store::testdb::TempDatabase::sqlite();
+        let store = Store::open(temp.url(), 2).unwrap();
+        let mut w = writer(&store);
+        let n = 3 * SLICE_SESSIONS as u64;
+        let fail = |on: bool| {
+            use diesel::connection::SimpleConnection;
+            use diesel::Connection;
+            let sql = if on {
+                "CREATE TRIGGER refuse BEFORE INSERT ON presence_snapshots \
+                 WHEN NEW.user_id = 'u1000' BEGIN SELECT RAISE(ABORT, 'refused'); END;"
+            } else {
+                "DROP TRIGGER refuse;"
+            };
+            let path = temp.url().trim_start_matches("sqlite://");
+            let mut conn = diesel::SqliteConnection::establish(path).unwrap();
+            conn.batch_execute(sql).unwrap();
+        };
+        fail(true);
+        let err = w
+            .write(crowd(1..n + 1, |_| "r".to_string(), 1))
+            .unwrap_err();
+        assert!(err.contains("refused"), "{err}");
+        let landed = store.load_snapshot("node").unwrap().len();
+        assert!(
+            landed > 0 && landed < n as usize && landed % SLICE_SESSIONS == 0,
+            "{landed}"
+        );
+        fail(false);
+        let r = w.write(crowd(1..n + 1, |_| "r".to_string(), 1)).unwrap();
+        assert_eq!(r.upserted, n as usize - landed);
+        assert_eq!(store.load_snapshot("node").unwrap().len(), n as usize);
+        assert_eq!(members(&store, "r", 5_001), n as usize);
     }
 }

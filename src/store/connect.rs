@@ -250,9 +250,16 @@ fn apply_sqlite_pragmas(conn: &mut SqliteConnection) -> diesel::QueryResult<()> 
         "PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}; \
          PRAGMA journal_mode = WAL; \
          PRAGMA foreign_keys = ON; \
-         PRAGMA synchronous = NORMAL;"
+         PRAGMA synchronous = NORMAL; \
+         PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES};"
     ))
 }
+
+/// WAL pages after which a committing connection checkpoints by itself. The snapshot writer
+/// checkpoints after every tick (`Store::checkpoint`), once for all the tick's slices, so that a
+/// page rewritten by several slices is copied to the database once; this larger threshold
+/// (~40 MB) only bounds the WAL when ticks are rare or stopped.
+const WAL_AUTOCHECKPOINT_PAGES: u32 = 10_000;
 
 /// Why a connection could not be made, already redacted and on one line.
 #[derive(Debug)]

@@ -253,6 +253,19 @@ impl Store {
         })
     }
 
+    /// Copies what the SQLite WAL holds into the database without waiting for readers (a
+    /// passive checkpoint); nothing to do on PostgreSQL. The snapshot writer calls it after
+    /// each tick.
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        self.with_conn(|conn| match conn {
+            DbConn::Sqlite(c) => Ok(diesel::connection::SimpleConnection::batch_execute(
+                c,
+                "PRAGMA wal_checkpoint(PASSIVE)",
+            )?),
+            DbConn::Pg(_) => Ok(()),
+        })
+    }
+
     /// The sessions last written by `node_id`, ordered by session id.
     pub fn load_snapshot(&self, node_id: &str) -> Result<Vec<SessionSnapshot>, StoreError> {
         self.with_conn(|conn| {

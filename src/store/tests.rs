@@ -8,6 +8,7 @@ use std::time::Duration;
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::result::{DatabaseErrorInformation, DatabaseErrorKind, Error as DieselError};
+use diesel_migrations::MigrationHarness;
 use tempfile::TempDir;
 
 use super::connect::{run_pg_migrations, run_sqlite_migrations, Target};
@@ -1314,4 +1315,65 @@ fn pruning_downsamples_old_samples_and_deletes_expired_history(db: Db) {
     let bad = RetentionPolicy { batch: 0, ..policy };
     assert!(matches!(db.prune_history(&bad, now), Err(StoreError::Other(_))));
 }
+}
+
+/// A database made before `cheaper_snapshot_writes` (presence_snapshots as a rowid table, every
+/// interval in the left_at index) keeps its snapshot rows and history through the upgrade.
+#[test]
+fn snapshot_rows_survive_the_upgrade_to_a_without_rowid_table() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("old.db");
+    {
+        let mut conn = SqliteConnection::establish(path.to_str().unwrap()).unwrap();
+        for _ in 0..3 {
+            conn.run_next_migration(connect::SQLITE_MIGRATIONS).unwrap();
+        }
+        conn.batch_execute(
+            "INSERT INTO presence_snapshots (node_id, account_id, session_id, user_id, phx_ref, \
+             status, device, online_at, meta, rooms, ghost_until, updated_at) VALUES \
+             ('node_a', 'acc_1', 's1', 'u1', 'a1', 'online', 'web', 1, '{}', '[]', NULL, 2); \
+             INSERT INTO presence_intervals (node_id, account_id, room, user_id, session_id, \
+             joined_at, left_at) VALUES ('node_a', 'acc_1', 'lobby', 'u1', 's1', 1, NULL), \
+             ('node_a', 'acc_1', 'lobby', 'u2', 's2', 1, 5);",
+        )
+        .unwrap();
+    }
+    let store = Store::open(&format!("sqlite://{}", path.display()), 2).unwrap();
+    let rows = store.load_snapshot("node_a").unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (rows[0].session_id.as_str(), rows[0].user_id.as_str()),
+        ("s1", "u1")
+    );
+    let mut conn = store.pool.get().unwrap();
+    let err = conn
+        .batch_execute("SELECT rowid FROM presence_snapshots")
+        .unwrap_err();
+    assert!(err.to_string().contains("no such column"), "{err}");
+    drop(conn);
+    // Upserts still find the row by its key.
+    let mut row = rows[0].clone();
+    row.status = "away".into();
+    store
+        .write_snapshot(&SnapshotBatch {
+            upserts: &[row],
+            ..empty_batch("node_a")
+        })
+        .unwrap();
+    assert_eq!(store.load_snapshot("node_a").unwrap()[0].status, "away");
+    // The closed interval is pruned through the now partial left_at index; the open one stays.
+    let policy = RetentionPolicy {
+        raw_ms: 1,
+        rollup_bucket_ms: 1,
+        rollup_ms: 1,
+        batch: 10,
+    };
+    assert_eq!(
+        store.prune_history(&policy, 100).unwrap().deleted_intervals,
+        1
+    );
+    assert_eq!(
+        spans(store.intervals_at("acc_1", "lobby", 50, 10).unwrap()),
+        [span("s1", "u1", 1, None)]
+    );
 }
