@@ -6,7 +6,8 @@
 //!   while the previous write is still running, and backs off (doubling up to
 //!   `snapshot.retry_max_ms`) while the database fails.
 //! - `writer::Writer` runs on a one-thread `SyncArbiter` with the store's r2d2 pool: rows,
-//!   diffs and the transaction happen there, off the actors' and HTTP workers' threads.
+//!   diffs and the transactions (a slice of sessions each, paced; see `writer`) happen there,
+//!   off the actors' and HTTP workers' threads.
 //! - `restore` reads this node's rows at start-up and turns them into ghosts in the actor tree,
 //!   so users online at the crash stay present for the grace window.
 
@@ -54,7 +55,8 @@ impl PersistMetrics {
             seconds: Histogram::with_opts(
                 HistogramOpts::new(
                     "presenced_snapshot_seconds",
-                    "Time from collecting a snapshot to its commit",
+                    "Time from collecting a snapshot to its last commit (a periodic tick \
+                     rests between its slices, up to half the interval)",
                 )
                 .buckets(vec![
                     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
