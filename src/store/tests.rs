@@ -1254,6 +1254,30 @@ fn intervals_record_who_was_present_when(db: Db) {
     assert!(db.intervals_at("acc_2", "lobby", T0 + 25, 100).unwrap().is_empty());
 }
 
+fn twelve_thousand_room_closes_in_one_batch_close_exactly_their_intervals(db: Db) {
+    // Each session is in two rooms and leaves one: only that room's interval closes.
+    let opened: Vec<_> = (0..12_000)
+        .flat_map(|i| {
+            let s = format!("s{i:05}");
+            [open("a", "u", &s, T0), open("b", "u", &s, T0)]
+        })
+        .collect();
+    db.write_snapshot(&SnapshotBatch { opened: &opened, ..empty_batch("node_a") }).unwrap();
+    let closed: Vec<_> = (0..12_000)
+        .map(|i| IntervalClose::Room {
+            session_id: format!("s{i:05}"),
+            room: if i % 2 == 0 { "a" } else { "b" }.to_owned(),
+            left_at: T0 + 10,
+        })
+        .collect();
+    db.write_snapshot(&SnapshotBatch { closed: &closed, ..empty_batch("node_a") }).unwrap();
+    assert_eq!(db.intervals_at("acc_1", "a", T0 + 10, 100_000).unwrap().len(), 6_000);
+    assert_eq!(db.intervals_at("acc_1", "b", T0 + 10, 100_000).unwrap().len(), 6_000);
+    assert_eq!(db.intervals_at("acc_1", "a", T0 + 9, 100_000).unwrap().len(), 12_000);
+    let still_open = db.intervals_at("acc_1", "a", T0 + 10, 100_000).unwrap();
+    assert!(still_open.iter().all(|i| i.session_id[1..].parse::<u32>().unwrap() % 2 == 1));
+}
+
 fn pruning_downsamples_old_samples_and_deletes_expired_history(db: Db) {
     const MIN: i64 = 60_000;
     let now = T0 + 100 * MIN;
