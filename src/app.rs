@@ -251,6 +251,12 @@ impl Application {
             addr: addr.to_string(),
             source,
         })?;
+        if let Err(e) = state
+            .prometheus
+            .register(Box::new(serving.sockets.collector()))
+        {
+            log::warn!("socket thread metrics not registered: {e}");
+        }
         Ok(Application {
             serving,
             port,

@@ -139,6 +139,45 @@ impl SocketThreads {
     }
 }
 
+impl SocketThreads {
+    /// A Prometheus collector of the connections each socket thread serves, read when scraped:
+    /// `presenced_socket_thread_connections{thread="0"}`…
+    pub fn collector(&self) -> SocketThreadGauge {
+        let gauge = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new(
+                "presenced_socket_thread_connections",
+                "WebSocket connections served by each socket thread (server.socket_threads)",
+            ),
+            &["thread"],
+        )
+        .expect("valid metric");
+        SocketThreadGauge {
+            gauge,
+            live: self.threads.iter().map(|t| t.live.clone()).collect(),
+        }
+    }
+}
+
+/// See `SocketThreads::collector`.
+pub struct SocketThreadGauge {
+    gauge: prometheus::IntGaugeVec,
+    live: Vec<Arc<AtomicUsize>>,
+}
+
+impl prometheus::core::Collector for SocketThreadGauge {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.gauge.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        for (i, live) in self.live.iter().enumerate() {
+            let n = live.load(Ordering::Relaxed).min(i64::MAX as usize) as i64;
+            self.gauge.with_label_values(&[&i.to_string()]).set(n);
+        }
+        self.gauge.collect()
+    }
+}
+
 impl Drop for SocketThreads {
     fn drop(&mut self) {
         self.stop();

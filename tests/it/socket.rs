@@ -630,3 +630,27 @@ async fn a_socket_upgraded_on_a_kept_alive_connection_after_api_calls_works() {
     );
     drop(open);
 }
+
+#[actix_web::test]
+async fn the_connections_of_each_socket_thread_are_in_the_metrics() {
+    let app = spawn_app().await;
+    let acc = app.create_account("Acme").await;
+    let gauge = "presenced_socket_thread_connections";
+    let ann = app.connect(&app.user_token(&acc, "ann")).await;
+    let bob = app.connect(&app.user_token(&acc, "bob")).await;
+    // The test node runs two socket threads; each took one socket (the least loaded gets it).
+    eventually("two sockets counted", || async {
+        let (t0, t1) = (
+            app.metric(gauge, "thread=\"0\"").await,
+            app.metric(gauge, "thread=\"1\"").await,
+        );
+        (t0 == 1.0 && t1 == 1.0).then_some(())
+    })
+    .await;
+    ann.close().await;
+    eventually("the closed socket uncounted", || async {
+        (app.metric(gauge, "").await == 1.0).then_some(())
+    })
+    .await;
+    drop(bob);
+}
