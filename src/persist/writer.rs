@@ -530,7 +530,9 @@ impl Writer {
                 first = false;
             }
             self.metrics.rows.set(self.committed.len() as i64);
-            if let Some(pace) = pace {
+            // Rest only between slices: after the last one the tick is done.
+            let more = dirty_slices.len() + gone_slices.len() > 0;
+            if let (Some(pace), true) = (pace, more) {
                 pace.rest(slice_started.elapsed());
             }
         }
