@@ -470,32 +470,26 @@ impl Writer {
 
         // Slice 0 also carries the samples and last_seen; there is always one, so a quiet tick
         // still writes those.
-        let mut dirty_slices = dirty.chunks(SLICE_SESSIONS);
-        let mut gone_slices = gone.chunks(SLICE_SESSIONS);
+        let mut slices = dirty
+            .chunks(SLICE_SESSIONS)
+            .map(|d| (d, &[][..]))
+            .chain(gone.chunks(SLICE_SESSIONS).map(|g| (&[][..], g)))
+            .peekable();
         let mut first = true;
-        loop {
-            let (dirty, gone) = if let Some(d) = dirty_slices.next() {
-                (d, &[][..])
-            } else if let Some(g) = gone_slices.next() {
-                (&[][..], g)
-            } else if first {
-                (&[][..], &[][..])
-            } else {
-                break;
-            };
+        while first || slices.peek().is_some() {
+            let (dirty, gone) = slices.next().unwrap_or((&[], &[]));
             let slice_started = Instant::now();
             let slice = self.slice(&views, dirty, gone, now);
             let samples: Vec<Sample> = match first {
                 true => self.pending_samples.iter().cloned().collect(),
                 false => Vec::new(),
             };
-            let no_seen = Vec::new();
             let batch = SnapshotBatch {
                 node_id: &self.cfg.node_id,
                 upserts: &slice.upserts,
                 removals: &slice.removals,
                 samples: &samples,
-                last_seen: if first { &last_seen } else { &no_seen },
+                last_seen: if first { &last_seen } else { &[] },
                 opened: &slice.opened,
                 closed: &slice.closed,
             };
@@ -531,8 +525,7 @@ impl Writer {
             }
             self.metrics.rows.set(self.committed.len() as i64);
             // Rest only between slices: after the last one the tick is done.
-            let more = dirty_slices.len() + gone_slices.len() > 0;
-            if let (Some(pace), true) = (pace, more) {
+            if let (Some(pace), true) = (pace, slices.peek().is_some()) {
                 pace.rest(slice_started.elapsed());
             }
         }
@@ -763,7 +756,7 @@ mod tests {
         assert_ne!(views(&a)[&7].fingerprint(), views(&b)[&7].fingerprint());
     }
 
-    /// `n` sessions (ids `first..first + n`), session `i` in room `room(i)`, all with `phx_ref`.
+    /// A session per id of `ids` (user `u<id>`), session `i` in room `room(i)`, all with `phx_ref`.
     fn crowd(
         ids: std::ops::Range<u64>,
         room: impl Fn(u64) -> String,
