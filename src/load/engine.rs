@@ -15,12 +15,13 @@ use hdrhistogram::Histogram;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpSocket;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
+use super::arrival::Stamped;
 use super::stats::{self, Event, Totals};
 use super::{LoadOptions, Scenario};
 use crate::demo::Limiter;
@@ -81,6 +82,8 @@ struct Counters {
     /// Measured phase, cluster runs only: deliveries made on the node the change was made on,
     /// and on another node.
     same_node_hist: Histogram<u64>,
+    /// Measured phase: delays to the arrival in the socket (kernel stamp).
+    arrival_hist: Histogram<u64>,
     cross_node_hist: Histogram<u64>,
     second: Histogram<u64>,
     connect_hist: Histogram<u64>,
@@ -100,6 +103,13 @@ struct Counters {
 impl Counters {
     fn error(&mut self, why: impl Into<String>) {
         *self.errors.entry(why.into()).or_default() += 1;
+    }
+
+    /// The delay of a measured-phase delivery to its arrival in the socket.
+    fn arrived(&mut self, stamp: u64, us: u64) {
+        if self.steady_since.is_some_and(|t| stamp >= t) {
+            stats::record(&mut self.arrival_hist, us);
+        }
     }
 
     fn delivered(&mut self, stamp: u64, us: u64, cross: Option<bool>) {
@@ -161,7 +171,7 @@ enum Report {
     Exited,
 }
 
-type Ws = WebSocketStream<TcpStream>;
+type Ws = WebSocketStream<Stamped>;
 
 fn ws_config() -> WebSocketConfig {
     let mut c = WebSocketConfig::default();
@@ -206,6 +216,7 @@ async fn connect_once(sh: &Shared, g: usize, src: Option<IpAddr>) -> Result<Ws, 
         Some(json!({ "device": "load" })),
     );
     let url = format!("ws://{host}{}?vsn=2.0.0&token={token}", sh.path);
+    let tcp = Stamped::new(tcp);
     match tokio_tungstenite::client_async_with_config(url, tcp, Some(ws_config())).await {
         Ok((ws, _)) => Ok(ws),
         Err(tungstenite::Error::Http(res)) if res.status().as_u16() == 429 => {
@@ -252,7 +263,9 @@ fn reason_of(text: &str) -> String {
 
 /// Records every timestamp in the `joins` of a presence diff, or in a broadcast payload.
 /// `here`: against a cluster, the node this receiver is on.
-fn scan(text: &[u8], c: &mut Counters, here: Option<usize>) {
+/// Counts a frame pushed to a member and records the delay of each stamped change in it, to
+/// now and to `arrived` (when its bytes reached the socket, unix µs).
+fn scan(text: &[u8], c: &mut Counters, here: Option<usize>, arrived: Option<u64>) {
     c.frames += 1;
     // Pushes to every member carry no refs: `[null,null,"room:…","<event>",…`.
     let Some(rest) = text.strip_prefix(b"[null,null,\"") else {
@@ -300,6 +313,9 @@ fn scan(text: &[u8], c: &mut Counters, here: Option<usize>) {
                 _ => None,
             };
             c.delivered(t, now.saturating_sub(t), cross);
+            if let Some(a) = arrived {
+                c.arrived(t, a.saturating_sub(t));
+            }
         }
         at = start + digits;
     }
@@ -547,7 +563,8 @@ async fn drive(
             msg = ws.next() => match msg {
                 Some(Ok(Message::Text(t))) => {
                     if t.as_str().starts_with("[null,null,") {
-                        scan(t.as_bytes(), &mut sh.counters.borrow_mut(), s.node);
+                        let arrived = ws.get_ref().arrived_us();
+                        scan(t.as_bytes(), &mut sh.counters.borrow_mut(), s.node, arrived);
                     } else {
                         sh.counters.borrow_mut().frames += 1;
                         s.answer(sh, t.as_str());
@@ -630,6 +647,7 @@ pub async fn run(
             ramp_hist: stats::histogram(),
             hist: stats::histogram(),
             same_node_hist: stats::histogram(),
+            arrival_hist: stats::histogram(),
             cross_node_hist: stats::histogram(),
             second: stats::small_histogram(),
             connect_hist: stats::histogram(),
@@ -813,6 +831,7 @@ pub async fn run(
         ramp_hist: stats::encode(&c.ramp_hist),
         hist: stats::encode(&c.hist),
         same_node_hist: stats::encode(&c.same_node_hist),
+        arrival_hist: stats::encode(&c.arrival_hist),
         cross_node_hist: stats::encode(&c.cross_node_hist),
         connect_hist: stats::encode(&c.connect_hist),
         last: c
@@ -882,6 +901,7 @@ mod tests {
             ramp_hist: stats::histogram(),
             hist: stats::histogram(),
             same_node_hist: stats::histogram(),
+            arrival_hist: stats::histogram(),
             cross_node_hist: stats::histogram(),
             second: stats::small_histogram(),
             connect_hist: stats::histogram(),
@@ -907,15 +927,15 @@ mod tests {
         let diff = format!(
             r#"[null,null,"room:a","presence_diff",{{"joins":{{"u1":{{"metas":[{{"_lt":{t},"status":"away"}}]}}}},"leaves":{{"u1":{{"metas":[{{"_lt":5,"status":"online"}}]}}}}}}]"#
         );
-        scan(diff.as_bytes(), &mut c, None);
+        scan(diff.as_bytes(), &mut c, None, None);
         assert_eq!((c.deliveries, c.ramp_deliveries), (1, 0));
         let state = format!(
             r#"[null,null,"room:a","presence_state",{{"u1":{{"metas":[{{"_lt":{t}}}]}}}}]"#
         );
-        scan(state.as_bytes(), &mut c, None);
+        scan(state.as_bytes(), &mut c, None, None);
         assert_eq!(c.deliveries, 1, "presence_state is not a delivery");
         let b = format!(r#"[null,null,"room:a","load",{{"_lt":{t}}}]"#);
-        scan(b.as_bytes(), &mut c, None);
+        scan(b.as_bytes(), &mut c, None, None);
         assert_eq!(c.deliveries, 2);
         assert_eq!(
             c.last.as_ref().unwrap()[&t].1,
@@ -924,7 +944,7 @@ mod tests {
         );
         // A stamp from before the measured phase is a late ramp delivery.
         let old = r#"[null,null,"room:a","presence_diff",{"joins":{"u2":{"metas":[{"_lt":7}]}},"leaves":{}}]"#;
-        scan(old.as_bytes(), &mut c, None);
+        scan(old.as_bytes(), &mut c, None, None);
         assert_eq!((c.deliveries, c.ramp_deliveries), (2, 1));
         assert_eq!(c.frames, 4);
     }
@@ -939,14 +959,35 @@ mod tests {
                 r#"[null,null,"room:a","presence_diff",{{"joins":{{"u1":{{"metas":[{{"_ln":{n},"_lt":{t},"device":"load"}}]}}}},"leaves":{{}}}}]"#
             )
         };
-        scan(from(0).as_bytes(), &mut c, Some(0));
-        scan(from(2).as_bytes(), &mut c, Some(0));
-        scan(from(12).as_bytes(), &mut c, Some(0));
+        scan(from(0).as_bytes(), &mut c, Some(0), None);
+        scan(from(2).as_bytes(), &mut c, Some(0), None);
+        scan(from(12).as_bytes(), &mut c, Some(0), None);
         assert_eq!(c.same_node_hist.len(), 1);
         assert_eq!(c.cross_node_hist.len(), 2);
         // A single node: no split.
-        scan(from(0).as_bytes(), &mut c, None);
+        scan(from(0).as_bytes(), &mut c, None, None);
         assert_eq!(c.same_node_hist.len() + c.cross_node_hist.len(), 3);
         assert_eq!(c.deliveries, 4);
+    }
+
+    #[test]
+    fn the_delay_to_the_socket_is_recorded_apart_and_only_in_the_measured_phase() {
+        let mut c = counters();
+        let t = stats::now_us();
+        c.steady_since = Some(t - 10);
+        let diff = format!(
+            r#"[null,null,"room:a","presence_diff",{{"joins":{{"u1":{{"metas":[{{"_lt":{t}}}]}}}},"leaves":{{}}}}]"#
+        );
+        scan(diff.as_bytes(), &mut c, None, Some(t + 300));
+        assert_eq!(c.arrival_hist.len(), 1);
+        assert_eq!(c.arrival_hist.max(), c.arrival_hist.highest_equivalent(300));
+        assert_eq!(c.hist.len(), 1, "the delay to now is recorded as before");
+        // No kernel stamp: nothing recorded apart.
+        scan(diff.as_bytes(), &mut c, None, None);
+        assert_eq!((c.arrival_hist.len(), c.hist.len()), (1, 2));
+        // A ramp delivery is not in the measured phase's figure.
+        let old = r#"[null,null,"room:a","presence_diff",{"joins":{"u2":{"metas":[{"_lt":7}]}},"leaves":{}}]"#;
+        scan(old.as_bytes(), &mut c, None, Some(t));
+        assert_eq!(c.arrival_hist.len(), 1);
     }
 }

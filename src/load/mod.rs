@@ -10,6 +10,7 @@
 //! report one JSON line a second (counts and that second's histogram, V2 base64) on stdout and
 //! start their changes when the parent writes `go` on their stdin (all sessions connected).
 
+mod arrival;
 mod engine;
 pub mod report;
 pub mod stats;

@@ -107,6 +107,10 @@ pub struct Summary {
     pub same_node_latency: Option<Latency>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cross_node_latency: Option<Latency>,
+    /// Measured phase: the delay to the moment each frame reached the generator's socket
+    /// (the kernel's receive stamp), without the generator's own wait for a core.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arrival_latency: Option<Latency>,
     /// fanout/broadcast: members that saw a change, on average.
     pub receivers_per_change: Option<f64>,
     pub frames: u64,
@@ -170,6 +174,7 @@ pub(super) fn summarize(
     let connect_h = merged(finals, |t| &t.connect_hist);
     let same_h = merged(finals, |t| &t.same_node_hist);
     let cross_h = merged(finals, |t| &t.cross_node_hist);
+    let arrival_h = merged(finals, |t| &t.arrival_hist);
     let some = |h: &Histogram<u64>| (!h.is_empty()).then(|| Latency::of(h));
     let sum = |f: fn(&Totals) -> u64| finals.iter().map(f).sum::<u64>();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
@@ -265,6 +270,7 @@ pub(super) fn summarize(
         last_delivery,
         same_node_latency: some(&same_h),
         cross_node_latency: some(&cross_h),
+        arrival_latency: some(&arrival_h),
         receivers_per_change,
         frames: sum(|t| t.frames),
         client_cpu_s: finals.iter().map(|t| t.cpu_s).sum(),
@@ -337,6 +343,7 @@ impl Summary {
         for (name, l) in [
             ("  on the change's node", &self.same_node_latency),
             ("  on another node", &self.cross_node_latency),
+            ("  to the socket (kernel)", &self.arrival_latency),
         ] {
             if let Some(l) = l {
                 row(

@@ -154,6 +154,9 @@ pub struct Totals {
     pub same_node_hist: String,
     #[serde(default)]
     pub cross_node_hist: String,
+    /// Measured phase: delays to the moment the frame reached the worker's socket.
+    #[serde(default)]
+    pub arrival_hist: String,
     /// Connect + join latency of each session's first connection.
     pub connect_hist: String,
     /// fanout/broadcast, measured phase: per change (its stamp), the longest delay seen here
