@@ -635,7 +635,15 @@ pub struct SnapshotTargets;
 
 pub struct Targets {
     pub accounts: Vec<Addr<AccountActor>>,
-    pub rooms: Vec<Addr<RoomActor>>,
+    pub rooms: Vec<RoomTarget>,
+}
+
+pub struct RoomTarget {
+    pub account: Arc<str>,
+    pub room: Arc<str>,
+    pub addr: Addr<RoomActor>,
+    /// The room's members, readable without asking the room.
+    pub members: Option<View<Members>>,
 }
 
 impl Handler<SnapshotTargets> for Registry {
@@ -644,7 +652,16 @@ impl Handler<SnapshotTargets> for Registry {
     fn handle(&mut self, _: SnapshotTargets, _: &mut Context<Self>) -> Self::Result {
         MessageResult(Targets {
             accounts: self.accounts.values().map(|s| s.addr.clone()).collect(),
-            rooms: self.rooms.values().map(|s| s.addr.clone()).collect(),
+            rooms: self
+                .rooms
+                .iter()
+                .map(|((account, room), s)| RoomTarget {
+                    account: account.clone(),
+                    room: room.clone(),
+                    addr: s.addr.clone(),
+                    members: self.directory.get(account, room),
+                })
+                .collect(),
         })
     }
 }

@@ -22,7 +22,7 @@ use crate::now_ms;
 use crate::presence::{Departure, Diff, IdGen, Meta, MetaOnNode, PresenceSet, Ref};
 use crate::protocol::{self, Reason};
 use crate::registry::{ActorDown, DownKind, Registry, RoomIdle};
-use crate::snapshot::{RestoreGhosts, RoomSnapshot, SnapshotRoom};
+use crate::snapshot::{Held, RestoreGhosts, RoomSnapshot, SnapshotRoom};
 use crate::supervision::DeathNotice;
 use crate::timer::Deadline;
 use crate::view::View;
@@ -78,6 +78,21 @@ impl Members {
 
     pub fn is_ready(&self) -> bool {
         self.ready
+    }
+
+    /// This node's own members (other nodes persist theirs), as a snapshot holds them.
+    fn held(&self) -> Vec<Held> {
+        self.presence
+            .entries()
+            .filter(|(_, m, _)| !self.remotes.is_remote(m.session))
+            .map(|(k, m, g)| (k.clone(), m.clone(), g))
+            .collect()
+    }
+
+    /// `held()`, read in place by the snapshotter; `None` while the room is being rebuilt
+    /// (its actor answers once it is).
+    pub fn snapshot(&self) -> Option<Vec<Held>> {
+        self.ready.then(|| self.held())
     }
 
     /// `(users, sessions)`.
@@ -564,16 +579,7 @@ impl Handler<SnapshotRoom> for RoomActor {
         MessageResult(RoomSnapshot {
             account: self.account.clone(),
             room: self.name.clone(),
-            // Only this node's own entries: other nodes persist theirs.
-            members: {
-                let members = self.members.read();
-                members
-                    .presence
-                    .entries()
-                    .filter(|(_, m, _)| !members.remotes.is_remote(m.session))
-                    .map(|(k, m, g)| (k.clone(), m.clone(), g))
-                    .collect()
-            },
+            members: self.members.read().held(),
         })
     }
 }
@@ -628,6 +634,45 @@ impl Handler<Crash> for RoomActor {
         panic!(
             "room {}/{} crashed on purpose (chaos hook)",
             self.account, self.name
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::presence::{Arrival, IdGen};
+
+    fn with_ann(ready: bool) -> Members {
+        let ids = IdGen::new();
+        let mut m = Members::new(ready);
+        let meta = Arrival {
+            session: ids.next_session(),
+            status: "online".into(),
+            online_at: 1,
+            device: None,
+            fields: Arc::new(serde_json::Map::new()),
+        }
+        .into_meta(ids.next_ref());
+        m.presence.restore(&"ann".into(), meta);
+        m
+    }
+
+    #[test]
+    fn a_snapshot_reads_a_ready_room_in_place_and_leaves_one_being_rebuilt_to_its_actor() {
+        let held = with_ann(true)
+            .snapshot()
+            .expect("a ready room is read in place");
+        assert_eq!(held.len(), 1);
+        assert_eq!(&*held[0].0, "ann");
+        assert_eq!(held[0].2, None, "connected, not a ghost");
+        // Rebuilding: what it holds is not yet the room's presence.
+        let rebuilding = with_ann(false);
+        assert!(rebuilding.snapshot().is_none());
+        assert_eq!(
+            rebuilding.held().len(),
+            1,
+            "its actor answers from the same members"
         );
     }
 }
