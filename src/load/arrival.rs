@@ -55,8 +55,10 @@ impl AsyncRead for Stamped {
                 .try_io(Interest::READABLE, || sys::recv_stamped(&this.io, unfilled))
             {
                 Ok((n, at)) => {
-                    if let Some(at) = at {
-                        this.last.set(at);
+                    // Bytes without a stamp make the arrival unknown: an older stamp would
+                    // make their delay look shorter than it was.
+                    if n > 0 {
+                        this.last.set(at.unwrap_or(0));
                     }
                     buf.advance(n);
                     return Poll::Ready(Ok(()));

@@ -82,9 +82,9 @@ struct Counters {
     /// Measured phase, cluster runs only: deliveries made on the node the change was made on,
     /// and on another node.
     same_node_hist: Histogram<u64>,
+    cross_node_hist: Histogram<u64>,
     /// Measured phase: delays to the arrival in the socket (kernel stamp).
     arrival_hist: Histogram<u64>,
-    cross_node_hist: Histogram<u64>,
     second: Histogram<u64>,
     connect_hist: Histogram<u64>,
     ramp_deliveries: u64,
@@ -261,10 +261,9 @@ fn reason_of(text: &str) -> String {
         .unwrap_or_else(|| "error".into())
 }
 
-/// Records every timestamp in the `joins` of a presence diff, or in a broadcast payload.
+/// Records every timestamp in the `joins` of a presence diff, or in a broadcast payload: its
+/// delay to now, and to `arrived` (when the frame's bytes reached the socket, unix µs).
 /// `here`: against a cluster, the node this receiver is on.
-/// Counts a frame pushed to a member and records the delay of each stamped change in it, to
-/// now and to `arrived` (when its bytes reached the socket, unix µs).
 fn scan(text: &[u8], c: &mut Counters, here: Option<usize>, arrived: Option<u64>) {
     c.frames += 1;
     // Pushes to every member carry no refs: `[null,null,"room:…","<event>",…`.
@@ -647,8 +646,8 @@ pub async fn run(
             ramp_hist: stats::histogram(),
             hist: stats::histogram(),
             same_node_hist: stats::histogram(),
-            arrival_hist: stats::histogram(),
             cross_node_hist: stats::histogram(),
+            arrival_hist: stats::histogram(),
             second: stats::small_histogram(),
             connect_hist: stats::histogram(),
             ramp_deliveries: 0,
@@ -831,8 +830,8 @@ pub async fn run(
         ramp_hist: stats::encode(&c.ramp_hist),
         hist: stats::encode(&c.hist),
         same_node_hist: stats::encode(&c.same_node_hist),
-        arrival_hist: stats::encode(&c.arrival_hist),
         cross_node_hist: stats::encode(&c.cross_node_hist),
+        arrival_hist: stats::encode(&c.arrival_hist),
         connect_hist: stats::encode(&c.connect_hist),
         last: c
             .last
@@ -901,8 +900,8 @@ mod tests {
             ramp_hist: stats::histogram(),
             hist: stats::histogram(),
             same_node_hist: stats::histogram(),
-            arrival_hist: stats::histogram(),
             cross_node_hist: stats::histogram(),
+            arrival_hist: stats::histogram(),
             second: stats::small_histogram(),
             connect_hist: stats::histogram(),
             ramp_deliveries: 0,
