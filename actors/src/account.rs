@@ -569,13 +569,7 @@ impl Handler<SnapshotAccount> for AccountActor {
     fn handle(&mut self, _: SnapshotAccount, _: &mut Context<Self>) -> Self::Result {
         MessageResult(AccountSnapshot {
             account: self.id.clone(),
-            // Only this node's own connections: other nodes persist theirs.
-            connections: self
-                .presence
-                .entries()
-                .filter(|(_, m, _)| !self.remotes.is_remote(m.session))
-                .map(|(k, m, g)| (k.clone(), m.clone(), g))
-                .collect(),
+            connections: crate::snapshot::held(&self.presence, &self.remotes),
             departed: self.departed.drain().collect(),
             followers: self.followers.len(),
         })

@@ -80,13 +80,9 @@ impl Members {
         self.ready
     }
 
-    /// This node's own members (other nodes persist theirs), as a snapshot holds them.
+    /// This node's own members, as a snapshot holds them.
     fn held(&self) -> Vec<Held> {
-        self.presence
-            .entries()
-            .filter(|(_, m, _)| !self.remotes.is_remote(m.session))
-            .map(|(k, m, g)| (k.clone(), m.clone(), g))
-            .collect()
+        crate::snapshot::held(&self.presence, &self.remotes)
     }
 
     /// `held()`, read in place by the snapshotter; `None` while the room is being rebuilt

@@ -10,12 +10,23 @@ use std::time::Duration;
 use actix::prelude::*;
 use futures_util::future::join_all;
 
-use crate::presence::{Key, Meta};
+use crate::cluster::Remotes;
+use crate::presence::{Key, Meta, PresenceSet};
 use crate::registry::{Registry, SnapshotTargets};
 
 /// A meta as a snapshot holds it: the key, the meta, and its ghost deadline (`None` while the
 /// session is connected).
 pub type Held = (Key, Meta, Option<i64>);
+
+/// What a room or an account holds of this node's own presence (other nodes persist theirs),
+/// as a snapshot holds it.
+pub(crate) fn held(presence: &PresenceSet, remotes: &Remotes) -> Vec<Held> {
+    presence
+        .entries()
+        .filter(|(_, m, _)| !remotes.is_remote(m.session))
+        .map(|(k, m, g)| (k.clone(), m.clone(), g))
+        .collect()
+}
 
 /// Ask a room for its presence.
 #[derive(Message)]

@@ -137,9 +137,7 @@ impl SocketThreads {
             e.0
         })
     }
-}
 
-impl SocketThreads {
     /// A Prometheus collector of the connections each socket thread serves, read when scraped:
     /// `presenced_socket_thread_connections{thread="0"}`…
     pub fn collector(&self) -> SocketThreadGauge {
