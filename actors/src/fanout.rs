@@ -60,29 +60,67 @@ impl Fanout {
         topic: &Arc<str>,
         metrics: &Metrics,
     ) -> Vec<Dropped> {
+        self.send_skipping(frame, except.as_slice(), topic, metrics)
+    }
+
+    /// `send` to everyone but the sessions in `skip` (a few, so a slice).
+    pub fn send_skipping(
+        &mut self,
+        frame: &ByteString,
+        skip: &[SessionId],
+        topic: &Arc<str>,
+        metrics: &Metrics,
+    ) -> Vec<Dropped> {
         let mut dropped = Vec::new();
         let mut delivered = 0u64;
         for (id, sub) in self.subs.iter() {
-            if Some(*id) == except {
+            if skip.contains(id) {
                 continue;
             }
-            match sub.to.try_send(ToSession::Frame {
-                topic: topic.clone(),
-                frame: frame.clone(),
-            }) {
+            match offer(sub, topic, frame) {
                 Ok(()) => delivered += 1,
-                Err(SendError::Full(_)) => dropped.push(Dropped {
+                Err(slow) => dropped.push(Dropped {
                     session: *id,
                     user: sub.user.clone(),
-                    slow: true,
-                }),
-                Err(SendError::Closed(_)) => dropped.push(Dropped {
-                    session: *id,
-                    user: sub.user.clone(),
-                    slow: false,
+                    slow,
                 }),
             }
         }
+        self.settle(delivered, dropped, topic, metrics)
+    }
+
+    /// `send` to one subscriber only (none if it is not one).
+    pub fn send_one(
+        &mut self,
+        session: SessionId,
+        frame: &ByteString,
+        topic: &Arc<str>,
+        metrics: &Metrics,
+    ) -> Vec<Dropped> {
+        let Some(sub) = self.subs.get(&session) else {
+            return Vec::new();
+        };
+        match offer(sub, topic, frame) {
+            Ok(()) => self.settle(1, Vec::new(), topic, metrics),
+            Err(slow) => {
+                let d = Dropped {
+                    session,
+                    user: sub.user.clone(),
+                    slow,
+                };
+                self.settle(0, vec![d], topic, metrics)
+            }
+        }
+    }
+
+    /// Counts the deliveries and cuts off those that could not take the frame.
+    fn settle(
+        &mut self,
+        delivered: u64,
+        dropped: Vec<Dropped>,
+        topic: &Arc<str>,
+        metrics: &Metrics,
+    ) -> Vec<Dropped> {
         metrics.deliveries.inc_by(delivered);
         for d in &dropped {
             if let Some(sub) = self.subs.remove(&d.session) {
@@ -100,5 +138,17 @@ impl Fanout {
             }
         }
         dropped
+    }
+}
+
+/// Hands `frame` to one subscriber; `Err(true)` if its queue is full, `Err(false)` if it is gone.
+fn offer(sub: &Subscriber, topic: &Arc<str>, frame: &ByteString) -> Result<(), bool> {
+    match sub.to.try_send(ToSession::Frame {
+        topic: topic.clone(),
+        frame: frame.clone(),
+    }) {
+        Ok(()) => Ok(()),
+        Err(SendError::Full(_)) => Err(true),
+        Err(SendError::Closed(_)) => Err(false),
     }
 }

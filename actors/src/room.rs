@@ -1,7 +1,8 @@
 //! `RoomActor`: the presence of one room of one account, and the fan-out to its members.
 //!
 //! A room is started by the registry on one of the engine's arbiters. It owns its `PresenceSet`;
-//! every change becomes one `presence_diff` frame, serialised once and shared by all members.
+//! every change becomes a `presence_diff` frame, serialised once and shared by all members; the
+//! changes handled in one drain of its mailbox share one frame (see `RoomActor::emit`).
 //! An empty room lingers for `room_idle_ms`, then asks the registry for leave to stop. If it
 //! dies, the registry starts a new one that waits (mailbox paused) for the live sessions'
 //! reports, rebuilds the same state, and re-sends `presence_state` so clients reconcile silently.
@@ -53,7 +54,31 @@ pub struct RoomActor {
     /// Batches of remote changes handled, so the registry never lets the room stop with one
     /// still on its way.
     remote_seen: u64,
+    /// Changes not yet sent to the members (see `emit`).
+    pending: Pending,
 }
+
+/// Most changes one `presence_diff` carries: past this many the batch is sent at once, so a
+/// long burst in the mailbox cannot hold the first change back for long.
+const MAX_BATCH: usize = 64;
+
+/// The changes a room made since it last sent a diff, sent when its mailbox is drained.
+#[derive(Default)]
+struct Pending {
+    /// Each change's diff, in order.
+    parts: Vec<Diff>,
+    /// Members that joined during the batch, and the first part they have not seen: their join
+    /// reply's `presence_state` already holds every part before it, their own join included.
+    joined: Vec<(crate::presence::SessionId, usize)>,
+    /// A `FlushDiffs` is on its way.
+    scheduled: bool,
+}
+
+/// Sends the pending changes: queued behind the messages already in the mailbox, so every
+/// change they make joins the same `presence_diff`.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct FlushDiffs;
 
 /// A room's members: its presence, and which of its entries other nodes own. Only the room's
 /// handlers write it; here-now reads it in place (see `view`).
@@ -209,6 +234,7 @@ impl RoomActor {
                 room: spec.name.clone(),
             },
             remote_seen: 0,
+            pending: Pending::default(),
             account: spec.account,
             name: spec.name,
             topic,
@@ -263,17 +289,72 @@ impl RoomActor {
         }
     }
 
-    /// Sends a diff to every member, then handles whoever could not take it.
-    fn emit(&mut self, diff: Diff, except: Option<crate::presence::SessionId>) {
-        let mut diff = diff;
+    /// Queues a change's diff for the members; `joiner` is the member whose join made it, who
+    /// has it (and everything before it) in its join reply's state already.
+    ///
+    /// The diff goes out once the messages already in the mailbox are handled, merged with the
+    /// changes they make: a room that is keeping up sends each change on its own, as soon as
+    /// its handler returns; one that fell behind (a burst of joins, a thread starved of CPU)
+    /// sends one `presence_diff` for the whole backlog instead of one per change to each of
+    /// its members, and so catches up instead of falling further behind.
+    fn emit(
+        &mut self,
+        diff: Diff,
+        joiner: Option<crate::presence::SessionId>,
+        ctx: &mut Context<Self>,
+    ) {
+        if !diff.is_empty() {
+            self.pending.parts.push(diff);
+        }
+        if let Some(session) = joiner {
+            let seen = self.pending.parts.len();
+            self.pending.joined.retain(|(s, _)| *s != session);
+            self.pending.joined.push((session, seen));
+        }
+        if self.pending.parts.len() >= MAX_BATCH {
+            self.flush();
+        } else if !self.pending.parts.is_empty() && !self.pending.scheduled {
+            self.pending.scheduled = true;
+            ctx.notify(FlushDiffs);
+        }
+    }
+
+    /// Sends the pending changes: one diff of all of them to the members from before the
+    /// batch, and to each member that joined during it the part it has not seen. Members that
+    /// cannot take theirs leave (slow consumers), and their leaves go out the same way.
+    fn flush(&mut self) {
         loop {
-            if diff.is_empty() {
+            let parts = std::mem::take(&mut self.pending.parts);
+            let joined = std::mem::take(&mut self.pending.joined);
+            if parts.is_empty() {
                 return;
             }
-            self.metrics.diffs.inc();
-            let frame = protocol::broadcast(&self.topic, "presence_diff", &diff);
-            let dropped = self.subs.send(&frame, except, &self.topic, &self.metrics);
-            diff = self.slow_ones_leave(dropped);
+            let skip: Vec<_> = joined.iter().map(|(s, _)| *s).collect();
+            let mut dropped = Vec::new();
+            for (from, to) in audiences(&parts, &joined) {
+                let diff = merged(&parts[from..]);
+                if diff.is_empty() {
+                    continue;
+                }
+                self.metrics.diffs.inc();
+                let frame = protocol::broadcast(&self.topic, "presence_diff", &*diff);
+                dropped.extend(match to {
+                    None => self
+                        .subs
+                        .send_skipping(&frame, &skip, &self.topic, &self.metrics),
+                    Some(sessions) => {
+                        let mut d = Vec::new();
+                        for s in sessions {
+                            d.extend(self.subs.send_one(s, &frame, &self.topic, &self.metrics));
+                        }
+                        d
+                    }
+                });
+            }
+            let leaves = self.slow_ones_leave(dropped);
+            if !leaves.is_empty() {
+                self.pending.parts.push(leaves);
+            }
         }
     }
 
@@ -301,10 +382,17 @@ impl RoomActor {
 
     /// Sends a non-presence frame (a broadcast) to every member but `except`; members that
     /// cannot take it are cut off as slow consumers and leave with grace.
-    fn relay(&mut self, frame: &ByteString, except: Option<crate::presence::SessionId>) {
+    /// Changes still pending go first, so members see events in the order they happened.
+    fn relay(
+        &mut self,
+        frame: &ByteString,
+        except: Option<crate::presence::SessionId>,
+        ctx: &mut Context<Self>,
+    ) {
+        self.flush();
         let dropped = self.subs.send(frame, except, &self.topic, &self.metrics);
         let diff = self.slow_ones_leave(dropped);
-        self.emit(diff, None);
+        self.emit(diff, None, ctx);
     }
 
     /// Schedules the expiry of ghosts that a fan-out left behind.
@@ -328,7 +416,7 @@ impl RoomActor {
         let d = self.members.write().presence.expire(now_ms());
         self.metrics.leaves.inc_by(d.leaves.len() as u64);
         self.publish_gone(&d);
-        self.emit(d, None);
+        self.emit(d, None, ctx);
         let next = self.members.read().presence.next_expiry();
         if let Some(next) = next {
             self.schedule_expiry(ctx, next);
@@ -459,7 +547,7 @@ impl Handler<Join> for RoomActor {
                 to: msg.to,
             },
         );
-        self.emit(out.diff, Some(session));
+        self.emit(out.diff, Some(session), ctx);
         self.arm_expiry(ctx);
         self.check_idle(ctx);
         Ok(Joined {
@@ -484,7 +572,7 @@ impl Handler<Leave> for RoomActor {
             Departure::Now => self.metrics.leaves.inc_by(diff.leaves.len() as u64),
         }
         self.publish_gone(&diff);
-        self.emit(diff, None);
+        self.emit(diff, None, ctx);
         self.arm_expiry(ctx);
         self.check_idle(ctx);
     }
@@ -511,7 +599,7 @@ impl Handler<SetStatus> for RoomActor {
             .ok_or(Reason::NotJoined)?;
         self.metrics.updates.inc();
         self.publish_put(&msg.user, msg.session);
-        self.emit(diff, None);
+        self.emit(diff, None, ctx);
         self.arm_expiry(ctx);
         Ok(meta.phx_ref)
     }
@@ -536,7 +624,7 @@ impl Handler<Broadcast> for RoomActor {
             );
         }
         let except = (!msg.include_self).then_some(msg.from);
-        self.relay(&frame, except);
+        self.relay(&frame, except, ctx);
         self.arm_expiry(ctx);
         Ok(())
     }
@@ -613,13 +701,58 @@ impl Handler<RemoteChanges> for RoomActor {
             remotes.apply(presence, &msg.node, msg.changes, msg.reason.as_ref())
         };
         self.metrics.leaves.inc_by(applied.diff.leaves.len() as u64);
-        self.emit(applied.diff, None);
+        self.emit(applied.diff, None, ctx);
         for (event, payload) in applied.casts {
             let frame = protocol::broadcast(&self.topic, &event, &*payload);
-            self.relay(&frame, None);
+            self.relay(&frame, None, ctx);
         }
         self.arm_expiry(ctx);
         self.check_idle(ctx);
+    }
+}
+
+impl Handler<FlushDiffs> for RoomActor {
+    type Result = ();
+
+    fn handle(&mut self, _: FlushDiffs, _: &mut Context<Self>) {
+        self.pending.scheduled = false;
+        self.flush();
+    }
+}
+
+/// Who gets which suffix of a batch: `(first part, None)` for every member from before it,
+/// then `(first part, Some(members))` for those that joined during it, by the part they have
+/// not seen. A suffix past the last part is empty and sends nothing.
+fn audiences(
+    parts: &[Diff],
+    joined: &[(crate::presence::SessionId, usize)],
+) -> Vec<(usize, Option<Vec<crate::presence::SessionId>>)> {
+    let mut out = vec![(0, None)];
+    let mut by_part: Vec<(usize, Vec<crate::presence::SessionId>)> = Vec::new();
+    for (s, from) in joined {
+        if *from >= parts.len() {
+            continue;
+        }
+        match by_part.iter_mut().find(|(f, _)| f == from) {
+            Some((_, v)) => v.push(*s),
+            None => by_part.push((*from, vec![*s])),
+        }
+    }
+    out.extend(by_part.into_iter().map(|(f, v)| (f, Some(v))));
+    out
+}
+
+/// The parts as one diff (a meta that joined and left within them is in neither side).
+fn merged(parts: &[Diff]) -> std::borrow::Cow<'_, Diff> {
+    match parts {
+        [one] => std::borrow::Cow::Borrowed(one),
+        _ => {
+            let mut d = Diff::default();
+            for p in parts {
+                d.merge(p.clone());
+            }
+            std::borrow::Cow::Owned(d)
+        }
     }
 }
 
@@ -669,6 +802,250 @@ mod tests {
             rebuilding.held().len(),
             1,
             "its actor answers from the same members"
+        );
+    }
+
+    /// A member that records the frames it is sent.
+    struct Recorder(std::rc::Rc<std::cell::RefCell<Vec<String>>>);
+
+    impl Actor for Recorder {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<crate::messages::ToSession> for Recorder {
+        type Result = ();
+        fn handle(&mut self, msg: crate::messages::ToSession, _: &mut Context<Self>) {
+            if let crate::messages::ToSession::Frame { frame, .. } = msg {
+                self.0.borrow_mut().push(frame.to_string());
+            }
+        }
+    }
+
+    type Frames = std::rc::Rc<std::cell::RefCell<Vec<String>>>;
+
+    /// A room started on the test's own thread, so that messages sent before the test awaits
+    /// are all in its mailbox when it first runs.
+    fn room_here() -> (Addr<RoomActor>, View<Members>) {
+        let cfg = Arc::new(EngineConfig::default());
+        let ids = Arc::new(IdGen::new());
+        let metrics = Metrics::new(&prometheus::Registry::new());
+        let registry = Registry::new(cfg.clone(), ids.clone(), metrics.clone()).start();
+        let members = View::new(Members::new(true));
+        let room = RoomActor::new(RoomSpec {
+            account: "acc".into(),
+            name: "lobby".into(),
+            gen: 1,
+            ids,
+            cfg,
+            metrics,
+            registry,
+            recovery: None,
+            members: members.clone(),
+        })
+        .start();
+        (room, members)
+    }
+
+    fn join(
+        room: &Addr<RoomActor>,
+        user: &str,
+        session: u64,
+    ) -> (Frames, actix::dev::Request<RoomActor, Join>) {
+        let frames = Frames::default();
+        let to = Recorder(frames.clone()).start().recipient();
+        let req = room.send(Join {
+            user: user.into(),
+            arrival: Arrival {
+                session: crate::presence::SessionId(session),
+                status: "online".into(),
+                online_at: 1,
+                device: None,
+                fields: Arc::new(serde_json::Map::new()),
+            },
+            to,
+        });
+        (frames, req)
+    }
+
+    fn status(
+        room: &Addr<RoomActor>,
+        user: &str,
+        session: u64,
+        to: &str,
+    ) -> actix::dev::Request<RoomActor, SetStatus> {
+        room.send(SetStatus {
+            user: user.into(),
+            session: crate::presence::SessionId(session),
+            status: Some(to.into()),
+            fields: None,
+        })
+    }
+
+    /// Lets the recorders run until nothing moves.
+    async fn settle() {
+        for _ in 0..50 {
+            actix_rt::task::yield_now().await;
+        }
+    }
+
+    /// What a phoenix.js client of this member holds: its join reply's state, then each diff,
+    /// checking that no diff brings it a meta it already has (a join it would report twice).
+    fn client_view(state: &ByteString, frames: &[String]) -> crate::client_presence::ClientState {
+        let state: serde_json::Value = serde_json::from_str(state).unwrap();
+        let mut client = crate::client_presence::ClientState::new();
+        crate::client_presence::sync_state(&mut client, state[4].as_object().unwrap());
+        for f in frames {
+            let v: serde_json::Value = serde_json::from_str(f).unwrap();
+            assert_eq!(v[3], "presence_diff", "{f}");
+            for (key, entry) in v[4]["joins"].as_object().unwrap() {
+                for meta in entry["metas"].as_array().unwrap() {
+                    let seen = client.get(key).is_some_and(|e| {
+                        e["metas"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .any(|m| m["phx_ref"] == meta["phx_ref"])
+                    });
+                    assert!(
+                        !seen,
+                        "{key} {meta} was already in this member's state: {f}"
+                    );
+                }
+            }
+            crate::client_presence::apply_diff_payload(&mut client, &v[4]);
+        }
+        without_prev(client)
+    }
+
+    /// The state without `phx_ref_prev`, which diffs carry and `presence_state` does not.
+    fn without_prev(
+        mut state: crate::client_presence::ClientState,
+    ) -> crate::client_presence::ClientState {
+        for entry in state.values_mut() {
+            for meta in entry["metas"].as_array_mut().unwrap() {
+                meta.as_object_mut().unwrap().remove("phx_ref_prev");
+            }
+        }
+        state
+    }
+
+    fn room_state(members: &View<Members>) -> crate::client_presence::ClientState {
+        let frame = members.read().presence.state_frame("room:lobby");
+        let v: serde_json::Value = serde_json::from_str(&frame).unwrap();
+        without_prev(v[4].as_object().unwrap().clone())
+    }
+
+    #[actix_rt::test]
+    async fn changes_queued_together_reach_each_member_as_one_diff_of_what_it_has_not_seen() {
+        let (room, members) = room_here();
+        let (old_frames, old) = join(&room, "old", 1);
+        let old_state = old.await.unwrap().unwrap().state;
+        settle().await;
+        assert!(old_frames.borrow().is_empty());
+
+        // Three joins and a status change, all in the room's mailbox before it runs.
+        let (a_frames, a) = join(&room, "a", 2);
+        let (b_frames, b) = join(&room, "b", 3);
+        let (c_frames, c) = join(&room, "c", 4);
+        let away = status(&room, "a", 2, "away");
+        let (a, b, c) = (
+            a.await.unwrap().unwrap(),
+            b.await.unwrap().unwrap(),
+            c.await.unwrap().unwrap(),
+        );
+        away.await.unwrap().unwrap();
+        settle().await;
+
+        let want = room_state(&members);
+        assert_eq!(want.len(), 4);
+        assert_eq!(want["a"]["metas"][0]["status"], "away");
+        // The member from before gets one diff of all four changes; each newcomer one diff of
+        // what came after its join (c: only a's status).
+        for (who, state, frames) in [
+            ("old", &old_state, &old_frames),
+            ("a", &a.state, &a_frames),
+            ("b", &b.state, &b_frames),
+            ("c", &c.state, &c_frames),
+        ] {
+            let frames = frames.borrow();
+            assert_eq!(frames.len(), 1, "{who}: {frames:?}");
+            assert_eq!(client_view(state, &frames), want, "{who} converges");
+        }
+        // A join that was updated within the batch reaches the member from before as its latest
+        // meta only.
+        let old_diff: serde_json::Value = serde_json::from_str(&old_frames.borrow()[0]).unwrap();
+        assert_eq!(old_diff[4]["leaves"], serde_json::json!({}));
+        assert_eq!(
+            old_diff[4]["joins"]["a"]["metas"].as_array().unwrap().len(),
+            1
+        );
+    }
+
+    #[actix_rt::test]
+    async fn a_long_burst_is_sent_in_batches_of_at_most_max_batch_changes() {
+        let (room, members) = room_here();
+        let (old_frames, old) = join(&room, "old", 1);
+        old.await.unwrap().unwrap();
+        let (_, a) = join(&room, "a", 2);
+        a.await.unwrap().unwrap();
+        settle().await;
+        // Where `old` stands before the burst: it has seen a's join.
+        old_frames.borrow_mut().clear();
+        let old_state = members.read().presence.state_frame("room:lobby");
+
+        let n = 2 * MAX_BATCH + 1;
+        let updates: Vec<_> = (0..n)
+            .map(|i| status(&room, "a", 2, if i % 2 == 0 { "away" } else { "busy" }))
+            .collect();
+        for u in updates {
+            u.await.unwrap().unwrap();
+        }
+        settle().await;
+        let frames = old_frames.borrow();
+        assert_eq!(
+            frames.len(),
+            3,
+            "{} changes: two full batches and the rest",
+            n
+        );
+        assert_eq!(client_view(&old_state, &frames), room_state(&members));
+    }
+
+    #[actix_rt::test]
+    async fn a_broadcast_follows_the_diffs_of_the_changes_before_it() {
+        let (room, _) = room_here();
+        let (old_frames, old) = join(&room, "old", 1);
+        old.await.unwrap().unwrap();
+        let (_, a) = join(&room, "a", 2);
+        let cast = room.send(Broadcast {
+            from: crate::presence::SessionId(1),
+            event: "ping".into(),
+            payload: serde_json::json!({}),
+            include_self: true,
+        });
+        a.await.unwrap().unwrap();
+        cast.await.unwrap().unwrap();
+        settle().await;
+        let frames = old_frames.borrow();
+        let events: Vec<String> = frames
+            .iter()
+            .map(|f| serde_json::from_str::<serde_json::Value>(f).unwrap()[3].to_string())
+            .collect();
+        assert_eq!(events, ["\"presence_diff\"", "\"ping\""]);
+    }
+
+    #[test]
+    fn each_newcomer_of_a_batch_gets_the_parts_after_its_join() {
+        use crate::presence::SessionId;
+        let parts = vec![Diff::default(), Diff::default(), Diff::default()];
+        let got = audiences(
+            &parts,
+            &[(SessionId(7), 1), (SessionId(8), 3), (SessionId(9), 1)],
+        );
+        assert_eq!(
+            got,
+            vec![(0, None), (1, Some(vec![SessionId(7), SessionId(9)]))],
+            "8 joined last: it has seen everything"
         );
     }
 }
