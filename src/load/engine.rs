@@ -173,6 +173,15 @@ enum Report {
 
 type Ws = WebSocketStream<Stamped>;
 
+/// Each client socket's receive buffer (the kernel doubles it for its bookkeeping). Left to
+/// itself the kernel grows a busy socket's buffer up to `tcp_rmem`'s maximum (32 MiB here):
+/// in a fanout ramp, 10 000 sockets each holding megabytes of `presence_state` and join diffs
+/// pushed the machine into TCP memory pressure, where loopback drops packets and senders back
+/// off for seconds (`TcpExtTCPRcvQDrop`, `TCPTimeouts` in `nstat`), and measured changes then
+/// reached a few members seconds late. A bounded window makes the node wait for the reader
+/// instead, which is the backpressure its slow-consumer rule is made for.
+const RECV_BUFFER: u32 = 64 << 10;
+
 fn ws_config() -> WebSocketConfig {
     let mut c = WebSocketConfig::default();
     // Small buffers: a session holds little while idle; a large presence_state grows the read
@@ -200,6 +209,9 @@ enum ConnectErr {
 async fn connect_once(sh: &Shared, g: usize, src: Option<IpAddr>) -> Result<Ws, ConnectErr> {
     let failed = |e: std::io::Error| ConnectErr::Failed(format!("connect: {}", e.kind()));
     let sock = TcpSocket::new_v4().map_err(failed)?;
+    // Fixed before the handshake (the window scale is agreed in it), so the kernel does not
+    // grow it on its own.
+    let _ = sock.set_recv_buffer_size(RECV_BUFFER);
     if let Some(ip) = src {
         sock.bind(SocketAddr::new(ip, 0))
             .map_err(|e| ConnectErr::Failed(format!("bind {ip}: {}", e.kind())))?;

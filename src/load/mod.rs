@@ -460,6 +460,27 @@ async fn rss(o: &LoadOptions) -> Option<(u64, String)> {
     Some((v as u64, "/metrics process_resident_memory_bytes".into()))
 }
 
+/// Longest wait between the end of the ramp and the measured phase. The measured phase starts
+/// at the first whole second in which no worker received a delivery: a node can send the
+/// ramp's join diffs faster than the clients read them, and changes made while some clients
+/// are still seconds behind would measure that backlog, not the node. Past this, it starts
+/// anyway (and `settle_s` says so).
+const SETTLE_MAX: Duration = Duration::from_secs(60);
+
+/// Tells every worker to start its measured phase.
+fn go(gos: &mut Vec<Go>) {
+    for g in gos.drain(..) {
+        match g {
+            Go::Local(tx) => {
+                let _ = tx.send(());
+            }
+            Go::Child(mut stdin) => {
+                let _ = writeln!(stdin, "go");
+            }
+        }
+    }
+}
+
 enum Go {
     Local(oneshot::Sender<()>),
     Child(ChildStdin),
@@ -575,6 +596,9 @@ pub async fn run(o: LoadOptions) -> Result<Summary, LoadError> {
     let mut progress = interval(Duration::from_secs(1));
     let mut steady_at: Option<Instant> = None;
     let mut go_sec: Option<u64> = None;
+    // Everyone is in: the second it happened and when, until the ramp's deliveries drain.
+    let mut settling: Option<(u64, Instant)> = None;
+    let (mut settle_s, mut ramp_drained) = (0.0, false);
     let mut rss_end = None;
     // The last RSS reading: a second before the workers close their sessions.
     let end_reading = o.duration.saturating_sub(Duration::from_secs(1));
@@ -605,6 +629,18 @@ pub async fn run(o: LoadOptions) -> Result<Summary, LoadError> {
                                 None => s.hist = Some(h),
                             }
                         }
+                        let quiet = s.reports >= workers && s.deliveries == 0;
+                        if let Some((from, at)) = settling {
+                            if (quiet && sec > from) || at.elapsed() >= SETTLE_MAX {
+                                settling = None;
+                                settle_s = at.elapsed().as_secs_f64();
+                                ramp_drained = quiet && sec > from;
+                                so_far.reset();
+                                go_sec = Some(stats::now_us() / 1_000_000);
+                                steady_at = Some(Instant::now());
+                                go(&mut gos);
+                            }
+                        }
                     }
                     Event::Ready { connected: c, failed: f, ramp_ms: r, .. } => {
                         ready += 1;
@@ -613,15 +649,9 @@ pub async fn run(o: LoadOptions) -> Result<Summary, LoadError> {
                         ramp_ms = ramp_ms.max(r);
                         if ready == workers {
                             rss_after = rss(&o).await;
-                            so_far.reset();
-                            go_sec = Some(stats::now_us() / 1_000_000);
-                            steady_at = Some(Instant::now());
-                            for g in gos.drain(..) {
-                                match g {
-                                    Go::Local(tx) => { let _ = tx.send(()); }
-                                    Go::Child(mut stdin) => { let _ = writeln!(stdin, "go"); }
-                                }
-                            }
+                            // The measured phase starts once what the ramp set in motion has
+                            // arrived (see `SETTLE_MAX`).
+                            settling = Some((stats::now_us() / 1_000_000, Instant::now()));
                         }
                     }
                     Event::Final(t) => {
@@ -668,6 +698,8 @@ pub async fn run(o: LoadOptions) -> Result<Summary, LoadError> {
         },
     );
     s.wall_s = started.elapsed().as_secs_f64();
+    s.settle_s = settle_s;
+    s.ramp_drained = ramp_drained;
     s.server_cpu_s = server_cpu_before
         .zip(o.server_pid.and_then(|p| stats::cpu_seconds(Some(p))))
         .map(|(a, b)| b - a);

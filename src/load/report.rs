@@ -80,6 +80,12 @@ pub struct Summary {
     pub sessions_failed: u64,
     /// From the first connection attempt to the last join answered (slowest worker).
     pub ramp_s: f64,
+    /// From the end of the ramp until its deliveries had all arrived, when the measured phase
+    /// began.
+    pub settle_s: f64,
+    /// Whether they had (a second with no delivery came); if not, the measured phase began
+    /// after the longest wait anyway.
+    pub ramp_drained: bool,
     pub connect_join_per_s: f64,
     /// Connect + upgrade + join-reply time of each session's first connection.
     pub connect_latency: Latency,
@@ -245,6 +251,8 @@ pub(super) fn summarize(
         sessions_connected: ramp.connected,
         sessions_failed: ramp.failed,
         ramp_s,
+        settle_s: 0.0,
+        ramp_drained: false,
         connect_join_per_s: if ramp_s > 0.0 {
             ramp.connected as f64 / ramp_s
         } else {
@@ -318,6 +326,22 @@ impl Summary {
                 self.connect_latency.p99_ms
             ),
         );
+        if self.settle_s > 0.0 {
+            row(
+                "ramp's deliveries drained",
+                if self.ramp_drained {
+                    format!(
+                        "{:.1} s after the ramp, then the measured phase",
+                        self.settle_s
+                    )
+                } else {
+                    format!(
+                        "not after {:.1} s: measured phase started anyway",
+                        self.settle_s
+                    )
+                },
+            );
+        }
         row(
             "changes",
             format!("{} ({:.0}/s)", self.changes, self.changes_per_s),
