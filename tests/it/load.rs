@@ -84,6 +84,9 @@ async fn churn_changes_are_seen_by_the_other_members() {
     assert!(s.changes > 0);
     assert!(s.steady_deliveries > 0, "{}", s.table());
     assert_eq!(s.latency_phase, "measured");
+    // The measured phase waited for the ramp's join diffs to arrive, and said so.
+    assert!(s.ramp_drained && s.settle_s > 0.0, "{}", s.table());
+    assert!(s.table().contains("ramp's deliveries drained"));
 }
 
 #[actix_web::test]
