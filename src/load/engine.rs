@@ -105,39 +105,36 @@ impl Counters {
         *self.errors.entry(why.into()).or_default() += 1;
     }
 
-    /// The delay of a measured-phase delivery to its arrival in the socket.
-    fn arrived(&mut self, stamp: u64, us: u64) {
-        if self.steady_since.is_some_and(|t| stamp >= t) {
-            stats::record(&mut self.arrival_hist, us);
-        }
-    }
-
-    fn delivered(&mut self, stamp: u64, us: u64, cross: Option<bool>) {
-        // Stamped before the measured phase: a late delivery of a ramp join.
-        let late = self.steady_since.is_some_and(|t| stamp < t);
-        if self.steady_since.is_some_and(|t| stamp >= t) {
-            match cross {
-                Some(true) => stats::record(&mut self.cross_node_hist, us),
-                Some(false) => stats::record(&mut self.same_node_hist, us),
-                None => {}
+    /// One timestamped delivery: `us` its delay to now, `arrived_us` to the moment its bytes
+    /// reached the socket (kernel stamp), `cross` whether it came from another node.
+    fn delivered(&mut self, stamp: u64, us: u64, arrived_us: Option<u64>, cross: Option<bool>) {
+        self.second_deliveries += 1;
+        // Stamped before the measured phase: a delivery of a ramp join (late, if the measured
+        // phase has begun: kept out of the per-second figure too).
+        if self.steady_since.is_none_or(|t| stamp < t) {
+            if self.steady_since.is_none() {
+                stats::record(&mut self.second, us);
             }
-        }
-        if !late {
-            stats::record(&mut self.second, us);
-        }
-        if self.steady_since.is_some_and(|t| stamp >= t) {
-            stats::record(&mut self.hist, us);
-            self.deliveries += 1;
-            if let Some(last) = &mut self.last {
-                let e = last.entry(stamp).or_default();
-                e.0 = e.0.max(us);
-                e.1 += 1;
-            }
-        } else {
             stats::record(&mut self.ramp_hist, us);
             self.ramp_deliveries += 1;
+            return;
         }
-        self.second_deliveries += 1;
+        stats::record(&mut self.second, us);
+        stats::record(&mut self.hist, us);
+        match cross {
+            Some(true) => stats::record(&mut self.cross_node_hist, us),
+            Some(false) => stats::record(&mut self.same_node_hist, us),
+            None => {}
+        }
+        if let Some(a) = arrived_us {
+            stats::record(&mut self.arrival_hist, a);
+        }
+        self.deliveries += 1;
+        if let Some(last) = &mut self.last {
+            let e = last.entry(stamp).or_default();
+            e.0 = e.0.max(us);
+            e.1 += 1;
+        }
     }
 }
 
@@ -323,10 +320,8 @@ fn scan(text: &[u8], c: &mut Counters, here: Option<usize>, arrived: Option<u64>
                 (Some(h), Some(f)) => Some(h != f),
                 _ => None,
             };
-            c.delivered(t, now.saturating_sub(t), cross);
-            if let Some(a) = arrived {
-                c.arrived(t, a.saturating_sub(t));
-            }
+            let to_socket = arrived.map(|a| a.saturating_sub(t));
+            c.delivered(t, now.saturating_sub(t), to_socket, cross);
         }
         at = start + digits;
     }

@@ -629,12 +629,13 @@ pub async fn run(o: LoadOptions) -> Result<Summary, LoadError> {
                                 None => s.hist = Some(h),
                             }
                         }
-                        let quiet = s.reports >= workers && s.deliveries == 0;
                         if let Some((from, at)) = settling {
-                            if (quiet && sec > from) || at.elapsed() >= SETTLE_MAX {
+                            // A whole second after everyone was in, with no delivery anywhere.
+                            let drained = sec > from && s.reports >= workers && s.deliveries == 0;
+                            if drained || at.elapsed() >= SETTLE_MAX {
                                 settling = None;
                                 settle_s = at.elapsed().as_secs_f64();
-                                ramp_drained = quiet && sec > from;
+                                ramp_drained = drained;
                                 so_far.reset();
                                 go_sec = Some(stats::now_us() / 1_000_000);
                                 steady_at = Some(Instant::now());
