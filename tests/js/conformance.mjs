@@ -714,6 +714,29 @@ check("room: a second member's join reaches the first as presence_diff; both see
   assert(ta.metasOf(b), "a's Presence.list() lacks b")
 })
 
+check("room: a burst of joins sent at once (which the room may batch into fewer diffs) converges in every member's Presence.list(), and no onJoin repeats a meta the member already had", async ctx => {
+  const room = ROOM("burst")
+  const n = 60
+  const users = Array.from({length: n + 1}, (_, i) => USER(`b${i}`))
+  const [first, ...rest] = users
+  const s0 = await openSocket(ctx, {label: "first", token: userToken(first)})
+  const c0 = channelOf(s0, room, {status: "online"})
+  const trackers = [track(ctx, c0, "first")]
+  await joinOk(c0)
+  const sockets = await Promise.all(rest.map(u => openSocket(ctx, {label: u, token: userToken(u)})))
+  const channels = sockets.map(s => channelOf(s, room, {status: "online"}))
+  trackers.push(...channels.map((c, i) => track(ctx, c, rest[i])))
+  await Promise.all(channels.map(joinOk))
+  await until(() => trackers.every(t => Object.keys(t.users()).length === n + 1), WAIT,
+    () => `every member lists all ${n + 1}: ${trackers.map(t => Object.keys(t.users()).length).join(",")}`)
+  for(const t of trackers){
+    const again = t.ev.items.find(e => e.kind === "onJoin" && e.cur &&
+      e.np.metas.some(m => e.cur.metas.some(c => c.phx_ref === m.phx_ref)))
+    assert(!again, () => `${t.label}: onJoin of a meta it already had: ${show(again)}`)
+    for(const u of users){ assertEq(t.metasOf(u).length, 1, `${t.label}: metas of ${u}`) }
+  }
+})
+
 check("room: status push replies ok; ONE diff with the new meta (phx_ref_prev) in joins and the old in leaves; user never leaves list()", async ctx => {
   const room = ROOM("status")
   const a = USER("obs")
