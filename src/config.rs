@@ -127,6 +127,11 @@ pub struct PresenceSettings {
     pub recovery_timeout_ms: u64,
     /// Threads that rooms and accounts run on; 0 means one per core.
     pub arbiters: usize,
+    /// A busy room sends at most one `presence_diff` per this many ms once its burst is spent,
+    /// each carrying every change since the last; 0 sends each change as soon as it is made.
+    pub diff_interval_ms: u64,
+    /// Diffs a room sends back to back before the interval applies.
+    pub diff_burst: u32,
 }
 
 impl Default for PresenceSettings {
@@ -138,6 +143,8 @@ impl Default for PresenceSettings {
             room_idle_ms: e.room_idle_ms,
             recovery_timeout_ms: e.recovery_timeout_ms,
             arbiters: 0,
+            diff_interval_ms: e.diff_pace.interval_ms,
+            diff_burst: e.diff_pace.burst,
         }
     }
 }
@@ -289,6 +296,8 @@ pub const KEYS: &[(&str, &str)] = &[
     ("presence.room_idle_ms", "30000"),
     ("presence.recovery_timeout_ms", "2000"),
     ("presence.arbiters", "0 (one per core)"),
+    ("presence.diff_interval_ms", "250 (0: no pacing)"),
+    ("presence.diff_burst", "10"),
     ("snapshot.interval_ms", "5000"),
     ("snapshot.retry_max_ms", "60000"),
     ("snapshot.max_buffered_samples", "100000"),
@@ -429,6 +438,15 @@ impl Settings {
                 "history.retention_s",
                 "must be at least history.raw_retention_s",
             ));
+        }
+        if p.diff_interval_ms > 10_000 {
+            return Err(bad(
+                "presence.diff_interval_ms",
+                "at most 10000 (0: no pacing)",
+            ));
+        }
+        if !(1..=10_000).contains(&p.diff_burst) {
+            return Err(bad("presence.diff_burst", "must be between 1 and 10000"));
         }
         if self.cluster.node_ttl_ms < 500 {
             return Err(bad("cluster.node_ttl_ms", "must be at least 500"));
@@ -583,6 +601,10 @@ impl Settings {
                 cores
             } else {
                 self.presence.arbiters
+            },
+            diff_pace: presence_actors::DiffPace {
+                interval_ms: self.presence.diff_interval_ms,
+                burst: self.presence.diff_burst,
             },
             limits: self.limits.clone(),
             cluster: presence_actors::cluster::Link::single(&self.node_id()),
@@ -764,6 +786,31 @@ mod tests {
         let mut s = Settings::default();
         s.server.socket_threads = 3;
         s.validate().unwrap();
+    }
+
+    #[test]
+    fn diff_pacing_out_of_range_is_refused_and_zero_turns_it_off() {
+        for (name, set) in [
+            (
+                "presence.diff_burst",
+                (|s| s.presence.diff_burst = 0) as fn(&mut Settings),
+            ),
+            ("presence.diff_burst", |s| s.presence.diff_burst = 10_001),
+            ("presence.diff_interval_ms", |s| {
+                s.presence.diff_interval_ms = 60_000
+            }),
+        ] {
+            let mut s = Settings::default();
+            set(&mut s);
+            let e = s.validate().unwrap_err();
+            assert_eq!(e.setting, name, "{e}");
+        }
+        let mut s = Settings::default();
+        s.presence.diff_interval_ms = 0;
+        s.validate().unwrap();
+        assert_eq!(s.engine().diff_pace.interval_ms, 0);
+        let d = Settings::default().engine().diff_pace;
+        assert_eq!(d, presence_actors::DiffPace::default());
     }
 
     #[test]

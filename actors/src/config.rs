@@ -81,6 +81,8 @@ pub struct EngineConfig {
     pub recovery_timeout_ms: u64,
     /// Worker threads (arbiters) that rooms and accounts are spread over.
     pub arbiters: usize,
+    /// Pacing of a room's `presence_diff` frames (see `DiffPace`).
+    pub diff_pace: DiffPace,
     pub limits: Limits,
     /// This node's name and, in a cluster, where local changes go.
     pub cluster: crate::cluster::Link,
@@ -94,8 +96,29 @@ impl Default for EngineConfig {
             room_idle_ms: 30_000,
             recovery_timeout_ms: 2_000,
             arbiters: 2,
+            diff_pace: DiffPace::default(),
             limits: Limits::default(),
             cluster: crate::cluster::Link::default(),
+        }
+    }
+}
+
+/// How often a busy room sends `presence_diff` frames. A room sends `burst` frames back to back
+/// as its changes come; past that, at most one per `interval_ms`, each carrying every change
+/// made since the last (a join storm into a room of a hundred then costs each member a few
+/// frames a second instead of one per join). A room changing less often than once per
+/// interval never waits. `interval_ms = 0` sends every batch at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiffPace {
+    pub interval_ms: u64,
+    pub burst: u32,
+}
+
+impl Default for DiffPace {
+    fn default() -> Self {
+        DiffPace {
+            interval_ms: 250,
+            burst: 10,
         }
     }
 }

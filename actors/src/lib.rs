@@ -25,6 +25,7 @@ pub mod config;
 pub mod fanout;
 pub mod messages;
 pub mod metrics;
+pub mod pace;
 pub mod presence;
 pub mod protocol;
 pub mod registry;
@@ -34,7 +35,7 @@ pub mod supervision;
 pub mod timer;
 pub mod view;
 
-pub use config::{EngineConfig, Limits};
+pub use config::{DiffPace, EngineConfig, Limits};
 pub use metrics::Metrics;
 
 /// Wall-clock unix milliseconds: what `online_at`, grace deadlines and `last_seen` are made of.

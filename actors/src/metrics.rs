@@ -13,6 +13,8 @@ pub struct Metrics {
     pub leaves: IntCounter,
     pub updates: IntCounter,
     pub diffs: IntCounter,
+    /// Times a busy room held its diffs back to keep its pace (`EngineConfig::diff_pace`).
+    pub diffs_paced: IntCounter,
     pub deliveries: IntCounter,
     pub broadcasts: IntCounter,
     /// Subscribers cut off because their outbound queue was full, by reason.
@@ -58,6 +60,10 @@ impl Metrics {
             diffs: c(
                 "presenced_diffs_total",
                 "presence_diff messages emitted by rooms and accounts",
+            ),
+            diffs_paced: c(
+                "presenced_diffs_paced_total",
+                "Times a busy room held its presence diffs back to keep its pace",
             ),
             deliveries: c("presenced_deliveries_total", "Frames handed to subscribers"),
             broadcasts: c("presenced_broadcasts_total", "Client broadcasts relayed"),

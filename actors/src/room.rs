@@ -2,7 +2,9 @@
 //!
 //! A room is started by the registry on one of the engine's arbiters. It owns its `PresenceSet`;
 //! every change becomes a `presence_diff` frame, serialised once and shared by all members; the
-//! changes handled in one drain of its mailbox share one frame (see `RoomActor::emit`).
+//! changes handled in one drain of its mailbox share one frame, and a room in a storm of joins
+//! and leaves sends them at a paced rate, each frame with all since the last (see
+//! `RoomActor::emit`).
 //! An empty room lingers for `room_idle_ms`, then asks the registry for leave to stop. If it
 //! dies, the registry starts a new one that waits (mailbox paused) for the live sessions'
 //! reports, rebuilds the same state, and re-sends `presence_state` so clients reconcile silently.
@@ -20,6 +22,7 @@ use crate::fanout::{Dropped, Fanout, Subscriber};
 use crate::messages::{Broadcast, Crash, HereNow, Join, Joined, Leave, RoomMembership, SetStatus};
 use crate::metrics::Metrics;
 use crate::now_ms;
+use crate::pace::Pacer;
 use crate::presence::{Departure, Diff, IdGen, Meta, MetaOnNode, PresenceSet, Ref};
 use crate::protocol::{self, Reason};
 use crate::registry::{ActorDown, DownKind, Registry, RoomIdle};
@@ -56,6 +59,8 @@ pub struct RoomActor {
     remote_seen: u64,
     /// Changes not yet sent to the members (see `emit`).
     pending: Pending,
+    /// Paces the diffs of a busy room (`EngineConfig::diff_pace`).
+    pace: Pacer,
 }
 
 /// Most changes one `presence_diff` carries: past this many the batch is sent at once, so a
@@ -70,8 +75,15 @@ struct Pending {
     /// Members that joined during the batch, and the first part they have not seen: their join
     /// reply's `presence_state` already holds every part before it, their own join included.
     joined: Vec<(crate::presence::SessionId, usize)>,
-    /// A `FlushDiffs` is on its way.
-    scheduled: bool,
+    /// When they go, if that is decided.
+    scheduled: Option<Flush>,
+}
+
+enum Flush {
+    /// A `FlushDiffs` is queued behind the mailbox.
+    Drained,
+    /// A `FlushDiffs` is due once the pace allows (a busy room's joins and leaves).
+    Paced(SpawnHandle),
 }
 
 /// Sends the pending changes: queued behind the messages already in the mailbox, so every
@@ -235,6 +247,7 @@ impl RoomActor {
             },
             remote_seen: 0,
             pending: Pending::default(),
+            pace: Pacer::new(spec.cfg.diff_pace),
             account: spec.account,
             name: spec.name,
             topic,
@@ -297,12 +310,18 @@ impl RoomActor {
     /// its handler returns; one that fell behind (a burst of joins, a thread starved of CPU)
     /// sends one `presence_diff` for the whole backlog instead of one per change to each of
     /// its members, and so catches up instead of falling further behind.
+    ///
+    /// Joins and leaves also keep the room's pace (`EngineConfig::diff_pace`): past a burst,
+    /// a room in a storm of them (everyone reconnecting after a deploy, a class starting) sends
+    /// one diff per interval with all of them. An update (a status change) goes out at once,
+    /// with whatever is pending.
     fn emit(
         &mut self,
         diff: Diff,
         joiner: Option<crate::presence::SessionId>,
         ctx: &mut Context<Self>,
     ) {
+        let update = diff.joins.iter().any(|(_, m)| m.phx_ref_prev.is_some());
         if !diff.is_empty() {
             self.pending.parts.push(diff);
         }
@@ -312,10 +331,32 @@ impl RoomActor {
             self.pending.joined.push((session, seen));
         }
         if self.pending.parts.len() >= MAX_BATCH {
-            self.flush();
-        } else if !self.pending.parts.is_empty() && !self.pending.scheduled {
-            self.pending.scheduled = true;
-            ctx.notify(FlushDiffs);
+            return self.flush();
+        }
+        if self.pending.parts.is_empty() {
+            return;
+        }
+        match self.pending.scheduled.take() {
+            Some(Flush::Drained) => self.pending.scheduled = Some(Flush::Drained),
+            Some(Flush::Paced(timer)) if update => {
+                ctx.cancel_future(timer);
+                ctx.notify(FlushDiffs);
+                self.pending.scheduled = Some(Flush::Drained);
+            }
+            Some(paced @ Flush::Paced(_)) => self.pending.scheduled = Some(paced),
+            None => {
+                let wait = match update {
+                    true => Duration::ZERO,
+                    false => self.pace.wait(tokio::time::Instant::now()),
+                };
+                self.pending.scheduled = Some(if wait.is_zero() {
+                    ctx.notify(FlushDiffs);
+                    Flush::Drained
+                } else {
+                    self.metrics.diffs_paced.inc();
+                    Flush::Paced(ctx.notify_later(FlushDiffs, wait))
+                });
+            }
         }
     }
 
@@ -323,6 +364,10 @@ impl RoomActor {
     /// batch, and to each member that joined during it the part it has not seen. Members that
     /// cannot take theirs leave (slow consumers), and their leaves go out the same way.
     fn flush(&mut self) {
+        // A diff nobody from before the batch receives (a room's first member) costs nothing.
+        if !self.pending.parts.is_empty() && self.subs.len() > self.pending.joined.len() {
+            self.pace.sent(tokio::time::Instant::now());
+        }
         loop {
             let parts = std::mem::take(&mut self.pending.parts);
             let joined = std::mem::take(&mut self.pending.joined);
@@ -715,7 +760,7 @@ impl Handler<FlushDiffs> for RoomActor {
     type Result = ();
 
     fn handle(&mut self, _: FlushDiffs, _: &mut Context<Self>) {
-        self.pending.scheduled = false;
+        self.pending.scheduled = None;
         self.flush();
     }
 }
@@ -770,6 +815,7 @@ impl Handler<Crash> for RoomActor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::DiffPace;
     use crate::presence::{Arrival, IdGen};
 
     fn with_ann(ready: bool) -> Members {
@@ -826,7 +872,14 @@ mod tests {
     /// A room started on the test's own thread, so that messages sent before the test awaits
     /// are all in its mailbox when it first runs.
     fn room_here() -> (Addr<RoomActor>, View<Members>) {
-        let cfg = Arc::new(EngineConfig::default());
+        room_paced(DiffPace::default())
+    }
+
+    fn room_paced(pace: DiffPace) -> (Addr<RoomActor>, View<Members>) {
+        let cfg = Arc::new(EngineConfig {
+            diff_pace: pace,
+            ..EngineConfig::default()
+        });
         let ids = Arc::new(IdGen::new());
         let metrics = Metrics::new(&prometheus::Registry::new());
         let registry = Registry::new(cfg.clone(), ids.clone(), metrics.clone()).start();
@@ -1047,5 +1100,87 @@ mod tests {
             vec![(0, None), (1, Some(vec![SessionId(7), SessionId(9)]))],
             "8 joined last: it has seen everything"
         );
+    }
+
+    /// The keys a diff frame joins and leaves.
+    fn keys(frame: &str) -> (Vec<String>, Vec<String>) {
+        let v: serde_json::Value = serde_json::from_str(frame).unwrap();
+        let side = |s: &str| v[4][s].as_object().unwrap().keys().cloned().collect();
+        (side("joins"), side("leaves"))
+    }
+
+    #[actix_rt::test]
+    async fn past_its_burst_a_room_sends_joins_once_per_interval_and_an_update_at_once() {
+        tokio::time::pause();
+        let interval = Duration::from_millis(300);
+        let (room, members) = room_paced(DiffPace {
+            interval_ms: 300,
+            burst: 2,
+        });
+        let (obs_frames, obs) = join(&room, "obs", 1);
+        let obs_state = obs.await.unwrap().unwrap().state;
+        settle().await;
+
+        // The burst: two joins, one at a time, each sent as it comes.
+        for (session, user) in [(2, "a"), (3, "b")] {
+            let (_, j) = join(&room, user, session);
+            j.await.unwrap().unwrap();
+            settle().await;
+        }
+        assert_eq!(obs_frames.borrow().len(), 2);
+
+        // Two more: held until the pace allows, then sent together.
+        let (c_frames, c) = join(&room, "c", 4);
+        let c_state = c.await.unwrap().unwrap().state;
+        settle().await;
+        let (_, d) = join(&room, "d", 5);
+        d.await.unwrap().unwrap();
+        settle().await;
+        assert_eq!(obs_frames.borrow().len(), 2, "held for the pace");
+        tokio::time::sleep(interval).await;
+        settle().await;
+        assert_eq!(obs_frames.borrow().len(), 3);
+        assert_eq!(keys(&obs_frames.borrow()[2]).0, ["c", "d"]);
+        // c joined during the wait: its state had itself, the diff brings it only d.
+        assert_eq!(c_frames.borrow().len(), 1);
+        assert_eq!(keys(&c_frames.borrow()[0]).0, ["d"]);
+
+        // A join waits again; an update does not, and takes the join with it.
+        let (_, e) = join(&room, "e", 6);
+        e.await.unwrap().unwrap();
+        settle().await;
+        assert_eq!(obs_frames.borrow().len(), 3, "held for the pace");
+        status(&room, "a", 2, "away").await.unwrap().unwrap();
+        settle().await;
+        assert_eq!(obs_frames.borrow().len(), 4, "an update goes at once");
+        let (joins, leaves) = keys(&obs_frames.borrow()[3]);
+        assert_eq!(joins, ["e", "a"]);
+        assert_eq!(leaves, ["a"]);
+        // Nothing else was left behind.
+        tokio::time::sleep(interval * 2).await;
+        settle().await;
+        assert_eq!(obs_frames.borrow().len(), 4);
+
+        let want = room_state(&members);
+        assert_eq!(client_view(&obs_state, &obs_frames.borrow()), want);
+        let c_seen = client_view(&c_state, &c_frames.borrow()[..1]);
+        assert!(c_seen.contains_key("d") && c_seen.contains_key("c"));
+    }
+
+    #[actix_rt::test]
+    async fn without_pacing_every_join_goes_at_once() {
+        tokio::time::pause();
+        let (room, _) = room_paced(DiffPace {
+            interval_ms: 0,
+            burst: 1,
+        });
+        let (obs_frames, obs) = join(&room, "obs", 1);
+        obs.await.unwrap().unwrap();
+        for session in 2..40 {
+            let (_, j) = join(&room, &format!("u{session}"), session);
+            j.await.unwrap().unwrap();
+            settle().await;
+        }
+        assert_eq!(obs_frames.borrow().len(), 38);
     }
 }
