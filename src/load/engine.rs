@@ -285,7 +285,7 @@ fn scan(text: &[u8], c: &mut Counters, here: Option<usize>, arrived: Option<u64>
     let rest = &rest[end_topic..];
     let body = if let Some(diff) = rest.strip_prefix(b"\",\"presence_diff\",") {
         // Only the joins: the leaves of an update carry the old meta and its old stamp.
-        match find(diff, b"\"leaves\":") {
+        match LEAVES.find(diff) {
             Some(i) => &diff[..i],
             None => diff,
         }
@@ -296,7 +296,7 @@ fn scan(text: &[u8], c: &mut Counters, here: Option<usize>, arrived: Option<u64>
     };
     let now = stats::now_us();
     let mut at = 0;
-    while let Some(i) = find(&body[at..], STAMP_PAT) {
+    while let Some(i) = STAMPS.find(&body[at..]) {
         let start = at + i + STAMP_PAT.len();
         let digits = body[start..]
             .iter()
@@ -327,9 +327,12 @@ fn scan(text: &[u8], c: &mut Counters, here: Option<usize>, arrived: Option<u64>
     }
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
+/// Where the stamps and the leaves are in a frame: the generator scans every byte it receives,
+/// so the search is memchr's (SIMD), built once.
+static STAMPS: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(STAMP_PAT));
+static LEAVES: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"leaves\":"));
 
 struct Session {
     g: usize,
