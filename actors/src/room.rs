@@ -364,8 +364,14 @@ impl RoomActor {
     /// batch, and to each member that joined during it the part it has not seen. Members that
     /// cannot take theirs leave (slow consumers), and their leaves go out the same way.
     fn flush(&mut self) {
-        // A diff nobody from before the batch receives (a room's first member) costs nothing.
-        if !self.pending.parts.is_empty() && self.subs.len() > self.pending.joined.len() {
+        // A diff nobody from before the batch receives (a room's first members) costs nothing.
+        let newcomers = self
+            .pending
+            .joined
+            .iter()
+            .filter(|(s, _)| self.subs.contains(*s))
+            .count();
+        if !self.pending.parts.is_empty() && self.subs.len() > newcomers {
             self.pace.sent(tokio::time::Instant::now());
         }
         loop {
@@ -1165,6 +1171,41 @@ mod tests {
         assert_eq!(client_view(&obs_state, &obs_frames.borrow()), want);
         let c_seen = client_view(&c_state, &c_frames.borrow()[..1]);
         assert!(c_seen.contains_key("d") && c_seen.contains_key("c"));
+    }
+
+    #[actix_rt::test]
+    async fn a_diff_that_reaches_nobody_does_not_spend_the_burst() {
+        tokio::time::pause();
+        let (room, _) = room_paced(DiffPace {
+            interval_ms: 300,
+            burst: 1,
+        });
+        // The first member's own join reaches nobody; a newcomer that left before its batch
+        // went out is nobody either.
+        let (first_frames, first) = join(&room, "first", 1);
+        let (_, gone) = join(&room, "gone", 2);
+        let leave = room.send(Leave {
+            user: "gone".into(),
+            session: crate::presence::SessionId(2),
+            how: Departure::Now,
+        });
+        first.await.unwrap().unwrap();
+        gone.await.unwrap().unwrap();
+        leave.await.unwrap();
+        settle().await;
+        assert!(first_frames.borrow().is_empty(), "nothing to tell");
+        // So the burst of one is still there for the next join.
+        let (_, a) = join(&room, "a", 3);
+        a.await.unwrap().unwrap();
+        settle().await;
+        assert_eq!(first_frames.borrow().len(), 1, "sent at once");
+        let (_, b) = join(&room, "b", 4);
+        b.await.unwrap().unwrap();
+        settle().await;
+        assert_eq!(first_frames.borrow().len(), 1, "the burst is spent");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        settle().await;
+        assert_eq!(first_frames.borrow().len(), 2);
     }
 
     #[actix_rt::test]
