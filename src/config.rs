@@ -127,8 +127,9 @@ pub struct PresenceSettings {
     pub recovery_timeout_ms: u64,
     /// Threads that rooms and accounts run on; 0 means one per core.
     pub arbiters: usize,
-    /// A busy room sends at most one `presence_diff` per this many ms once its burst is spent,
-    /// each carrying every change since the last; 0 sends each change as soon as it is made.
+    /// A room in a storm of joins and leaves sends them at most once per this many ms once its
+    /// burst is spent, each diff carrying all of them since the last (status changes are never
+    /// held); 0 sends each change as soon as it is made.
     pub diff_interval_ms: u64,
     /// Diffs a room sends back to back before the interval applies.
     pub diff_burst: u32,

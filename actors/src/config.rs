@@ -103,11 +103,12 @@ impl Default for EngineConfig {
     }
 }
 
-/// How often a busy room sends `presence_diff` frames. A room sends `burst` frames back to back
-/// as its changes come; past that, at most one per `interval_ms`, each carrying every change
-/// made since the last (a join storm into a room of a hundred then costs each member a few
-/// frames a second instead of one per join). A room changing less often than once per
-/// interval never waits. `interval_ms = 0` sends every batch at once.
+/// How often a room in a storm of joins and leaves sends their `presence_diff`s. A room sends
+/// `burst` frames back to back as its changes come; past that, joins and leaves go at most once
+/// per `interval_ms`, each frame carrying all of them since the last (a join storm into a room
+/// of a hundred then costs each member a few frames a second instead of one per join). A status
+/// change is never held: it goes at once, with whatever is pending. A room changing less often
+/// than once per interval never waits. `interval_ms = 0` sends every batch at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DiffPace {
     pub interval_ms: u64,

@@ -4,9 +4,9 @@ use std::process::ExitCode;
 
 use presenced::load::{self, Invocation, LoadError};
 
-/// jemalloc, as in the node: every frame a session reads goes through the allocator (its read
-/// buffer grows and is split per frame), and glibc's malloc was a sixth of the generator's time
-/// in a connect ramp. Its default configuration suits this single-threaded process.
+/// jemalloc, as in the node (with its default configuration): every frame a session reads goes
+/// through the allocator (its read buffer grows and is split per frame), and glibc's malloc and
+/// free were a sixth of the generator's time in a connect ramp.
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
