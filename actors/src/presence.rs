@@ -290,6 +290,12 @@ impl Diff {
         self.joins.is_empty() && self.leaves.is_empty()
     }
 
+    /// Whether it carries an update (a status or meta change of a present session: a join
+    /// pointing at the meta it replaces), not only arrivals and departures.
+    pub fn carries_update(&self) -> bool {
+        self.joins.iter().any(|(_, m)| m.phx_ref_prev.is_some())
+    }
+
     /// Appends `later` to this diff. A meta that joined earlier in the batch and leaves now is
     /// dropped from both sides (nobody needs to hear of it), which keeps batches small under churn;
     /// an update chain keeps pointing its `phx_ref_prev` at the meta clients last saw.

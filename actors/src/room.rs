@@ -311,17 +311,17 @@ impl RoomActor {
     /// sends one `presence_diff` for the whole backlog instead of one per change to each of
     /// its members, and so catches up instead of falling further behind.
     ///
-    /// Joins and leaves also keep the room's pace (`EngineConfig::diff_pace`): past a burst,
-    /// a room in a storm of them (everyone reconnecting after a deploy, a class starting) sends
-    /// one diff per interval with all of them. An update (a status change) goes out at once,
-    /// with whatever is pending.
+    /// Joins and leaves also keep the room's pace (`EngineConfig::diff_pace`): past a burst, a
+    /// room in a storm of them (a class starting, everyone back after an outage longer than the
+    /// grace window: reconnects within it are silent) sends one diff per interval with all of
+    /// them. An update (a status change) goes out at once, with whatever is pending.
     fn emit(
         &mut self,
         diff: Diff,
         joiner: Option<crate::presence::SessionId>,
         ctx: &mut Context<Self>,
     ) {
-        let update = diff.joins.iter().any(|(_, m)| m.phx_ref_prev.is_some());
+        let update = diff.carries_update();
         if !diff.is_empty() {
             self.pending.parts.push(diff);
         }
@@ -336,34 +336,35 @@ impl RoomActor {
         if self.pending.parts.is_empty() {
             return;
         }
-        match self.pending.scheduled.take() {
-            Some(Flush::Drained) => self.pending.scheduled = Some(Flush::Drained),
-            Some(Flush::Paced(timer)) if update => {
-                ctx.cancel_future(timer);
-                ctx.notify(FlushDiffs);
-                self.pending.scheduled = Some(Flush::Drained);
-            }
-            Some(paced @ Flush::Paced(_)) => self.pending.scheduled = Some(paced),
-            None => {
-                let wait = match update {
-                    true => Duration::ZERO,
-                    false => self.pace.wait(tokio::time::Instant::now()),
-                };
-                self.pending.scheduled = Some(if wait.is_zero() {
-                    ctx.notify(FlushDiffs);
-                    Flush::Drained
-                } else {
-                    self.metrics.diffs_paced.inc();
-                    Flush::Paced(ctx.notify_later(FlushDiffs, wait))
-                });
-            }
+        match self.pending.scheduled {
+            // Already going as soon as the mailbox is drained, or paced and nothing hurries it.
+            Some(Flush::Drained) => return,
+            Some(Flush::Paced(_)) if !update => return,
+            _ => {}
         }
+        if let Some(Flush::Paced(timer)) = self.pending.scheduled.take() {
+            ctx.cancel_future(timer);
+        }
+        let wait = match update {
+            true => Duration::ZERO,
+            false => self.pace.wait(tokio::time::Instant::now()),
+        };
+        self.pending.scheduled = Some(if wait.is_zero() {
+            ctx.notify(FlushDiffs);
+            Flush::Drained
+        } else {
+            self.metrics.diffs_paced.inc();
+            Flush::Paced(ctx.notify_later(FlushDiffs, wait))
+        });
     }
 
     /// Sends the pending changes: one diff of all of them to the members from before the
     /// batch, and to each member that joined during it the part it has not seen. Members that
     /// cannot take theirs leave (slow consumers), and their leaves go out the same way.
     fn flush(&mut self) {
+        if self.pending.parts.is_empty() {
+            return;
+        }
         // A diff nobody from before the batch receives (a room's first members) costs nothing.
         let newcomers = self
             .pending
@@ -371,7 +372,7 @@ impl RoomActor {
             .iter()
             .filter(|(s, _)| self.subs.contains(*s))
             .count();
-        if !self.pending.parts.is_empty() && self.subs.len() > newcomers {
+        if self.subs.len() > newcomers {
             self.pace.sent(tokio::time::Instant::now());
         }
         loop {
