@@ -244,7 +244,7 @@ impl Application {
                 workers: per_core(settings.server.workers),
                 socket_threads: per_core(settings.server.socket_threads),
                 shutdown_timeout_s: settings.server.shutdown_timeout_s,
-                on_connect: limit_stalled_writes,
+                on_connect: tune_connection,
             },
         )
         .map_err(|source| StartError::Bind {
@@ -330,7 +330,19 @@ fn cors(origins: Arc<Vec<String>>) -> actix_cors::Cors {
 /// a session the room already evicted as a slow consumer cannot pin its socket forever.
 const STALLED_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn limit_stalled_writes(tcp: &actix_web::rt::net::TcpStream) {
+/// Socket options for every accepted connection.
+///
+/// `TCP_NODELAY`: a presence frame is small and must go now. With Nagle's algorithm (the
+/// kernel's default, which actix-http leaves alone) a frame written while the previous one is
+/// still unacknowledged waits for that acknowledgement, and a client that delays its ACKs
+/// (Linux does, up to 40 ms, on a connection that also sends) holds our next frame that long.
+/// BENCHMARKS.md has what it changed under load. Go's net package and the floor set it too.
+///
+/// `TCP_USER_TIMEOUT`: see [`STALLED_WRITE_TIMEOUT`].
+fn tune_connection(tcp: &actix_web::rt::net::TcpStream) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        log::debug!("TCP_NODELAY not set: {e}");
+    }
     let sock = socket2::SockRef::from(tcp);
     if let Err(e) = sock.set_tcp_user_timeout(Some(STALLED_WRITE_TIMEOUT)) {
         log::debug!("TCP_USER_TIMEOUT not set: {e}");
@@ -471,5 +483,33 @@ pub mod memory {
             }
             log::debug!("malloc_trim took {:?}", started.elapsed());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{tune_connection, STALLED_WRITE_TIMEOUT};
+
+    #[actix_web::test]
+    async fn accepted_connections_send_at_once_and_give_up_on_a_stalled_peer() {
+        let listener = actix_web::rt::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = actix_web::rt::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(
+            !accepted.nodelay().unwrap(),
+            "the kernel's default is Nagle"
+        );
+
+        tune_connection(&accepted);
+
+        assert!(accepted.nodelay().unwrap());
+        let sock = socket2::SockRef::from(&accepted);
+        assert_eq!(
+            sock.tcp_user_timeout().unwrap(),
+            Some(STALLED_WRITE_TIMEOUT)
+        );
     }
 }
