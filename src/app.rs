@@ -429,6 +429,38 @@ pub mod os {
         #[cfg(not(target_os = "linux"))]
         let _ = niceness;
     }
+
+    /// Puts the calling thread under `SCHED_BATCH` (Linux; elsewhere an error): same share of
+    /// the CPU, but it does not preempt a running thread when it wakes. Threads and processes
+    /// started from it afterwards inherit the policy.
+    pub fn schedule_this_thread_as_batch() -> std::io::Result<()> {
+        #[cfg(target_os = "linux")]
+        {
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: `param` is a valid sched_param for the duration of the call; pid 0 is the
+            // calling thread, whose policy is all this changes.
+            let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "SCHED_BATCH is Linux only",
+        ))
+    }
+
+    /// Whether the calling thread runs under `SCHED_BATCH`.
+    pub fn this_thread_is_batch() -> bool {
+        #[cfg(target_os = "linux")]
+        // SAFETY: reads the calling thread's policy; no pointers.
+        return unsafe { libc::sched_getscheduler(0) } == libc::SCHED_BATCH;
+        #[cfg(not(target_os = "linux"))]
+        false
+    }
 }
 
 /// glibc malloc tuning, to keep the resident memory of many idle sockets close to what they
@@ -488,7 +520,25 @@ pub mod memory {
 
 #[cfg(test)]
 mod tests {
-    use super::{tune_connection, STALLED_WRITE_TIMEOUT};
+    use super::{os, tune_connection, STALLED_WRITE_TIMEOUT};
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_thread_put_under_sched_batch_runs_under_it_and_so_do_its_children() {
+        std::thread::spawn(|| {
+            assert!(!os::this_thread_is_batch());
+            os::schedule_this_thread_as_batch().unwrap();
+            assert!(os::this_thread_is_batch());
+            let child = std::thread::spawn(os::this_thread_is_batch).join().unwrap();
+            assert!(child, "a thread started afterwards inherits the policy");
+        })
+        .join()
+        .unwrap();
+        assert!(
+            !os::this_thread_is_batch(),
+            "only the calling thread changed"
+        );
+    }
 
     #[actix_web::test]
     async fn accepted_connections_send_at_once_and_give_up_on_a_stalled_peer() {

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use presenced::load::{self, Invocation, LoadError};
+use presenced::load::{self, Invocation, LoadError, Sched};
 
 /// jemalloc, as in the node (with its default configuration): every frame a session reads goes
 /// through the allocator (its read buffer grows and is split per frame), and glibc's malloc and
@@ -11,13 +11,23 @@ use presenced::load::{self, Invocation, LoadError};
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
-    let inv = match load::parse(std::env::args().skip(1).collect()) {
+    let mut inv = match load::parse(std::env::args().skip(1).collect()) {
         Ok(i) => i,
         Err(e) => {
             eprintln!("presenced-load: {e}");
             return ExitCode::from(2);
         }
     };
+    // Before any thread or worker process exists, so that all of them inherit it. What the
+    // summary reports is the policy in force.
+    if let Invocation::Run(o) | Invocation::Worker(o, _) = &mut inv {
+        if o.sched == Sched::Batch {
+            if let Err(e) = presenced::app::os::schedule_this_thread_as_batch() {
+                eprintln!("presenced-load: --sched batch not applied ({e}); running as normal");
+                o.sched = Sched::Normal;
+            }
+        }
+    }
     let sys = actix_web::rt::System::new();
     match inv {
         Invocation::Help => {

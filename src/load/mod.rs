@@ -31,6 +31,38 @@ pub use engine::{room_name, Share, STAMP};
 pub use report::{Latency, Point, Rss, Summary};
 use stats::{Event, Totals};
 
+/// How the generator's threads are scheduled (Linux).
+///
+/// On a machine shared by node and generator, every frame the node sends wakes a generator
+/// thread, and a freshly woken thread preempts the one running. With the default policy the
+/// node's sending thread is preempted thousands of times a second for a frame each (~4 100
+/// involuntary switches a second per socket thread under churn). `SCHED_BATCH` keeps the same
+/// share of the CPU (same niceness) but does not preempt on wake-up: the generator reads at the
+/// next scheduling point instead, as it would from another machine. The delays it reports
+/// then include its wait for a core, never less; the kernel's receive stamp shows that wait apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sched {
+    Batch,
+    Normal,
+}
+
+impl Sched {
+    pub fn name(self) -> &'static str {
+        match self {
+            Sched::Batch => "batch",
+            Sched::Normal => "normal",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Sched> {
+        match s {
+            "batch" => Some(Sched::Batch),
+            "normal" => Some(Sched::Normal),
+            _ => None,
+        }
+    }
+}
+
 /// What the sessions do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scenario {
@@ -98,6 +130,8 @@ pub struct LoadOptions {
     pub heartbeat: Duration,
     /// The in-place progress line on stderr.
     pub progress: bool,
+    /// The scheduling policy of the generator's processes (`--sched`).
+    pub sched: Sched,
     /// The binary to run as workers (`--procs` > 1); this executable when `None`.
     pub exe: Option<PathBuf>,
 }
@@ -138,6 +172,7 @@ impl Default for LoadOptions {
             report: None,
             heartbeat: Duration::from_secs(25),
             progress: true,
+            sched: Sched::Batch,
             exe: None,
         }
     }
@@ -191,6 +226,9 @@ OPTIONS (default):\n\
 \x20 --json FILE         every figure as JSON\n\
 \x20 --report FILE       a self-contained HTML report (latency percentiles, timeline)\n\
 \x20 --heartbeat D       heartbeat period of each session (25s)\n\
+\x20 --sched POLICY      batch or normal (batch): under SCHED_BATCH (Linux) a woken generator\n\
+\x20                     thread does not preempt the node's sending thread, as if it ran on\n\
+\x20                     another machine; its share of the CPU is the same\n\
 \x20 --quiet             no progress line\n\n\
 The node limits connects and joins per IP and per account; for load tests start it with\n\
 \x20 PRESENCED__LIMITS__CONNECTS_PER_IP_PER_S=100000 PRESENCED__LIMITS__JOINS_PER_IP_PER_S=100000 \\\n\
@@ -296,6 +334,7 @@ pub fn parse(args: Vec<String>) -> Result<Invocation, String> {
             "--duration" => o.duration = duration(&value).ok_or_else(bad)?,
             "--heartbeat" => o.heartbeat = duration(&value).ok_or_else(bad)?,
             "--procs" => o.procs = num(&value)? as usize,
+            "--sched" => o.sched = Sched::parse(&value).ok_or_else(bad)?,
             "--sources" => o.sources = sources(&value).ok_or_else(bad)?,
             "--server-pid" => o.server_pid = Some(u32::try_from(num(&value)?).map_err(|_| bad())?),
             "--json" => o.json = Some(PathBuf::from(&value)),
@@ -380,6 +419,8 @@ fn worker_args(o: &LoadOptions, index: usize, account_id: &str) -> Vec<String> {
         o.procs.to_string(),
         "--account-id".into(),
         account_id.into(),
+        "--sched".into(),
+        o.sched.name().into(),
         "--quiet".into(),
     ];
     // Each worker its own addresses (all of them when there are fewer than workers).
@@ -882,6 +923,24 @@ mod tests {
         let i = a.iter().position(|x| x == "--sources").unwrap();
         assert_eq!(a[i + 1], "127.0.0.3,127.0.0.5");
         assert!(!a.iter().any(|x| x.contains("password")));
+    }
+
+    #[test]
+    fn the_scheduling_policy_defaults_to_batch_and_reaches_the_workers() {
+        let Invocation::Run(o) = parse(args("churn --password pw")).unwrap() else {
+            panic!("a run")
+        };
+        assert_eq!(o.sched, Sched::Batch);
+        let Invocation::Run(o) = parse(args("churn --password pw --sched normal")).unwrap() else {
+            panic!("a run")
+        };
+        assert_eq!(o.sched, Sched::Normal);
+        let a = worker_args(&o, 0, "acc");
+        let i = a.iter().position(|x| x == "--sched").unwrap();
+        assert_eq!(a[i + 1], "normal");
+        assert!(parse(args("churn --password pw --sched fifo"))
+            .unwrap_err()
+            .contains("--sched"));
     }
 
     #[test]

@@ -74,6 +74,9 @@ pub struct Summary {
     pub changes_target: u32,
     pub duration_s: f64,
     pub procs: usize,
+    /// The generator's scheduling policy (`--sched`).
+    #[serde(default)]
+    pub sched: String,
     pub sources: usize,
     /// Sessions connected and joined at the end of the ramp.
     pub sessions_connected: u64,
@@ -247,6 +250,7 @@ pub(super) fn summarize(
         changes_target: o.changes,
         duration_s: dur,
         procs: o.procs,
+        sched: o.sched.name().into(),
         sources: o.sources.len(),
         sessions_connected: ramp.connected,
         sessions_failed: ramp.failed,
@@ -304,8 +308,8 @@ impl Summary {
         row(
             "scenario",
             format!(
-                "{} · {} sessions · {} rooms · {} process(es)",
-                self.scenario, self.sessions_target, self.rooms, self.procs
+                "{} · {} sessions · {} rooms · {} process(es), sched {}",
+                self.scenario, self.sessions_target, self.rooms, self.procs, self.sched
             ),
         );
         row(
