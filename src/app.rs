@@ -10,7 +10,7 @@ use actix_web::dev::ServerHandle;
 use actix_web::{web, App};
 
 use presence_actors::presence::IdGen;
-use presence_actors::registry::{Registry, Shutdown, Stats};
+use presence_actors::registry::{PlaceRooms, Registry, Shutdown, Stats};
 use presence_actors::{now_ms, Metrics};
 
 use crate::auth::{self, AccountKeys, KeyRing, ServerKeys};
@@ -251,6 +251,11 @@ impl Application {
             addr: addr.to_string(),
             source,
         })?;
+        if settings.presence.room_threads == crate::config::RoomThreads::Sockets {
+            state.registry.do_send(PlaceRooms {
+                on: serving.sockets.handles(),
+            });
+        }
         if let Err(e) = state
             .prometheus
             .register(Box::new(serving.sockets.collector()))

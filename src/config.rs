@@ -118,6 +118,21 @@ impl Default for RedisSettings {
     }
 }
 
+/// Which threads run the room actors (`presence.room_threads`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RoomThreads {
+    /// The engine's arbiters (`presence.arbiters`): a room's messages never wait behind the
+    /// sessions' writes, which a room of thousands under full load needs.
+    #[default]
+    Arbiters,
+    /// The socket threads, round-robin: a room's fan-out to the members on its own thread is
+    /// a local hand-off, and no thread is woken for rooms alone (less CPU, a shorter tail for
+    /// many small rooms). Past `EngineConfig::scatter_past` members a room's frames are pushed
+    /// from an arbiter.
+    Sockets,
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PresenceSettings {
@@ -125,8 +140,11 @@ pub struct PresenceSettings {
     pub timeout_ms: u64,
     pub room_idle_ms: u64,
     pub recovery_timeout_ms: u64,
-    /// Threads that rooms and accounts run on; 0 means one per core.
+    /// Threads that accounts and (by default) rooms run on; 0 means one per core.
     pub arbiters: usize,
+    /// Where rooms run: `"arbiters"`, on threads of their own, or `"sockets"`, on the socket
+    /// threads next to their members.
+    pub room_threads: RoomThreads,
     /// A room in a storm of joins and leaves sends them at most once per this many ms once its
     /// burst is spent, each diff carrying all of them since the last (status changes are never
     /// held); 0 sends each change as soon as it is made.
@@ -144,6 +162,7 @@ impl Default for PresenceSettings {
             room_idle_ms: e.room_idle_ms,
             recovery_timeout_ms: e.recovery_timeout_ms,
             arbiters: 0,
+            room_threads: RoomThreads::default(),
             diff_interval_ms: e.diff_pace.interval_ms,
             diff_burst: e.diff_pace.burst,
         }
@@ -297,6 +316,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("presence.room_idle_ms", "30000"),
     ("presence.recovery_timeout_ms", "2000"),
     ("presence.arbiters", "0 (one per core)"),
+    ("presence.room_threads", "arbiters (or sockets)"),
     ("presence.diff_interval_ms", "250 (0: no pacing)"),
     ("presence.diff_burst", "10"),
     ("snapshot.interval_ms", "5000"),
@@ -607,6 +627,7 @@ impl Settings {
                 interval_ms: self.presence.diff_interval_ms,
                 burst: self.presence.diff_burst,
             },
+            scatter_past: EngineConfig::default().scatter_past,
             limits: self.limits.clone(),
             cluster: presence_actors::cluster::Link::single(&self.node_id()),
         }

@@ -83,6 +83,9 @@ pub struct EngineConfig {
     pub arbiters: usize,
     /// Pacing of a room's `presence_diff` frames (see `DiffPace`).
     pub diff_pace: DiffPace,
+    /// Members past which a room placed with its sessions hands its frames to a scatter on an
+    /// arbiter (`fanout::Scatter`).
+    pub scatter_past: usize,
     pub limits: Limits,
     /// This node's name and, in a cluster, where local changes go.
     pub cluster: crate::cluster::Link,
@@ -97,6 +100,7 @@ impl Default for EngineConfig {
             recovery_timeout_ms: 2_000,
             arbiters: 2,
             diff_pace: DiffPace::default(),
+            scatter_past: 256,
             limits: Limits::default(),
             cluster: crate::cluster::Link::default(),
         }

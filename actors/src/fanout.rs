@@ -1,10 +1,17 @@
 //! Bounded fan-out: one serialised frame to many sessions without letting any mailbox grow past
 //! its capacity. A subscriber whose mailbox is full is cut off, never waited for.
+//!
+//! A large fan-out can hand its frames to a `Scatter` actor on another thread (`scatter_past`):
+//! a room that runs on a socket thread, next to its members, would otherwise push thousands of
+//! frames from that thread before any of its own sessions could write one, while the other
+//! socket threads wait for it. The scatter pushes them from a thread of its own, as a room on
+//! an arbiter does.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use actix::dev::SendError;
+use actix::prelude::*;
 use bytestring::ByteString;
 
 use crate::messages::{SessionAddr, ToSession};
@@ -20,6 +27,21 @@ pub struct Subscriber {
 #[derive(Default)]
 pub struct Fanout {
     subs: HashMap<SessionId, Subscriber>,
+    scatter: Option<Scattering>,
+}
+
+/// Where a large fan-out sends its frames, and from when.
+struct Scattering {
+    to: Addr<Scatter>,
+    /// Where the scatter reports the subscribers it could not reach.
+    cutoff: Recipient<Cutoff>,
+    /// Subscribers past which frames go through the scatter.
+    past: usize,
+    /// Set once the fan-out has grown past `past`, and never unset: a frame handed over later
+    /// must not overtake one the scatter still holds.
+    on: bool,
+    /// The subscribers as the scatter is given them, until they change.
+    list: Option<Arc<[(SessionId, SessionAddr)]>>,
 }
 
 /// Subscribers that could not take a frame, and why.
@@ -31,12 +53,37 @@ pub struct Dropped {
 }
 
 impl Fanout {
+    /// Once it has more than `past` subscribers, hand every frame to `to` (see the module's
+    /// note); subscribers it cannot reach are reported to `cutoff`.
+    pub fn scatter_past(&mut self, past: usize, to: Addr<Scatter>, cutoff: Recipient<Cutoff>) {
+        self.scatter = Some(Scattering {
+            to,
+            cutoff,
+            past,
+            on: false,
+            list: None,
+        });
+    }
+
+    /// Whether frames go through a scatter.
+    pub fn scattering(&self) -> bool {
+        self.scatter.as_ref().is_some_and(|s| s.on)
+    }
+
     pub fn insert(&mut self, session: SessionId, sub: Subscriber) {
         self.subs.insert(session, sub);
+        if let Some(s) = &mut self.scatter {
+            s.list = None;
+            s.on |= self.subs.len() > s.past;
+        }
     }
 
     pub fn remove(&mut self, session: SessionId) -> Option<Subscriber> {
-        self.subs.remove(&session)
+        let sub = self.subs.remove(&session);
+        if let (Some(s), Some(_)) = (&mut self.scatter, &sub) {
+            s.list = None;
+        }
+        sub
     }
 
     pub fn contains(&self, session: SessionId) -> bool {
@@ -71,13 +118,27 @@ impl Fanout {
         topic: &Arc<str>,
         metrics: &Metrics,
     ) -> Vec<Dropped> {
+        if let Some(s) = self.scatter.as_mut().filter(|s| s.on) {
+            let subs = &self.subs;
+            let list = s
+                .list
+                .get_or_insert_with(|| subs.iter().map(|(id, s)| (*id, s.to.clone())).collect());
+            s.to.do_send(Scattered {
+                topic: topic.clone(),
+                frame: frame.clone(),
+                to: list.clone(),
+                skip: skip.to_vec(),
+                cutoff: s.cutoff.clone(),
+            });
+            return Vec::new();
+        }
         let mut dropped = Vec::new();
         let mut delivered = 0u64;
         for (id, sub) in self.subs.iter() {
             if skip.contains(id) {
                 continue;
             }
-            match offer(sub, topic, frame) {
+            match offer(&sub.to, topic, frame) {
                 Ok(()) => delivered += 1,
                 Err(slow) => dropped.push(Dropped {
                     session: *id,
@@ -100,7 +161,17 @@ impl Fanout {
         let Some(sub) = self.subs.get(&session) else {
             return Vec::new();
         };
-        match offer(sub, topic, frame) {
+        if let Some(s) = self.scatter.as_ref().filter(|s| s.on) {
+            s.to.do_send(Scattered {
+                topic: topic.clone(),
+                frame: frame.clone(),
+                to: Arc::new([(session, sub.to.clone())]),
+                skip: Vec::new(),
+                cutoff: s.cutoff.clone(),
+            });
+            return Vec::new();
+        }
+        match offer(&sub.to, topic, frame) {
             Ok(()) => self.settle(1, Vec::new(), topic, metrics),
             Err(slow) => {
                 let d = Dropped {
@@ -141,14 +212,276 @@ impl Fanout {
     }
 }
 
+/// One frame for a fan-out's subscribers but `skip`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Scattered {
+    pub topic: Arc<str>,
+    pub frame: ByteString,
+    pub to: Arc<[(SessionId, SessionAddr)]>,
+    pub skip: Vec<SessionId>,
+    pub cutoff: Recipient<Cutoff>,
+}
+
+/// Subscribers a scatter could not reach: `true`, their queue was full (they were told they
+/// are cut off), else they are gone. Their fan-out drops them (`Fanout::remove`).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Cutoff {
+    pub sessions: Vec<(SessionId, bool)>,
+}
+
+/// Pushes large fan-outs' frames from its own thread (see the module's note). One per engine
+/// arbiter; a fan-out uses one for its whole life, so its frames stay in order.
+pub struct Scatter {
+    metrics: Metrics,
+    /// Sessions it cut off lately: until their fan-out has dropped them, later frames for them
+    /// are skipped rather than cut off again.
+    cut: HashSet<SessionId>,
+    cut_order: VecDeque<SessionId>,
+}
+
+/// How many cut-off sessions a scatter remembers.
+const CUT_REMEMBERED: usize = 4096;
+
+impl Scatter {
+    pub fn new(metrics: Metrics) -> Scatter {
+        Scatter {
+            metrics,
+            cut: HashSet::new(),
+            cut_order: VecDeque::new(),
+        }
+    }
+
+    fn remember_cut(&mut self, session: SessionId) {
+        if self.cut.insert(session) {
+            self.cut_order.push_back(session);
+        }
+        while self.cut_order.len() > CUT_REMEMBERED {
+            if let Some(old) = self.cut_order.pop_front() {
+                self.cut.remove(&old);
+            }
+        }
+    }
+}
+
+impl Actor for Scatter {
+    type Context = Context<Self>;
+}
+
+impl Handler<Scattered> for Scatter {
+    type Result = ();
+
+    fn handle(&mut self, msg: Scattered, _: &mut Context<Self>) {
+        let mut delivered = 0u64;
+        let mut cut = Vec::new();
+        for (id, to) in msg.to.iter() {
+            if msg.skip.contains(id) || self.cut.contains(id) {
+                continue;
+            }
+            match offer(to, &msg.topic, &msg.frame) {
+                Ok(()) => delivered += 1,
+                Err(slow) => cut.push((*id, slow)),
+            }
+        }
+        self.metrics.deliveries.inc_by(delivered);
+        for (id, slow) in &cut {
+            if *slow {
+                self.metrics
+                    .outbound_drops
+                    .with_label_values(&["slow_consumer"])
+                    .inc();
+                if let Some((_, to)) = msg.to.iter().find(|(s, _)| s == id) {
+                    // One message past capacity: the session closes itself when it runs.
+                    to.do_send(ToSession::Evicted {
+                        topic: msg.topic.clone(),
+                        reason: Reason::SlowConsumer,
+                    });
+                }
+            }
+            self.remember_cut(*id);
+        }
+        if !cut.is_empty() {
+            msg.cutoff.do_send(Cutoff { sessions: cut });
+        }
+    }
+}
+
 /// Hands `frame` to one subscriber; `Err(true)` if its queue is full, `Err(false)` if it is gone.
-fn offer(sub: &Subscriber, topic: &Arc<str>, frame: &ByteString) -> Result<(), bool> {
-    match sub.to.try_send(ToSession::Frame {
+fn offer(to: &SessionAddr, topic: &Arc<str>, frame: &ByteString) -> Result<(), bool> {
+    match to.try_send(ToSession::Frame {
         topic: topic.clone(),
         frame: frame.clone(),
     }) {
         Ok(()) => Ok(()),
         Err(SendError::Full(_)) => Err(true),
         Err(SendError::Closed(_)) => Err(false),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    use super::*;
+
+    type Seen = Rc<RefCell<Vec<String>>>;
+
+    #[derive(Clone, Copy, PartialEq)]
+    enum Kind {
+        Reads,
+        /// Never reads its mailbox (of capacity 1).
+        Stuck,
+        /// Stops at once.
+        Gone,
+    }
+
+    /// A session that records its frames.
+    struct Session {
+        seen: Seen,
+        kind: Kind,
+    }
+
+    impl Actor for Session {
+        type Context = Context<Self>;
+
+        fn started(&mut self, ctx: &mut Context<Self>) {
+            match self.kind {
+                Kind::Reads => {}
+                Kind::Stuck => {
+                    ctx.set_mailbox_capacity(1);
+                    ctx.wait(actix::fut::wrap_future(
+                        futures_util::future::pending::<()>(),
+                    ));
+                }
+                Kind::Gone => ctx.stop(),
+            }
+        }
+    }
+
+    impl Handler<ToSession> for Session {
+        type Result = ();
+        fn handle(&mut self, msg: ToSession, _: &mut Context<Self>) {
+            if let ToSession::Frame { frame, .. } = msg {
+                self.seen.borrow_mut().push(frame.to_string());
+            }
+        }
+    }
+
+    /// Records what a scatter reports.
+    #[derive(Default)]
+    struct Cuts(Rc<RefCell<Vec<(SessionId, bool)>>>);
+
+    impl Actor for Cuts {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<Cutoff> for Cuts {
+        type Result = ();
+        fn handle(&mut self, msg: Cutoff, _: &mut Context<Self>) {
+            self.0.borrow_mut().extend(msg.sessions);
+        }
+    }
+
+    fn session(kind: Kind) -> (Seen, Subscriber) {
+        let seen = Seen::default();
+        let addr = Session {
+            seen: seen.clone(),
+            kind,
+        }
+        .start();
+        let sub = Subscriber {
+            user: "u".into(),
+            to: addr.recipient(),
+        };
+        (seen, sub)
+    }
+
+    async fn settle() {
+        for _ in 0..50 {
+            actix_rt::task::yield_now().await;
+        }
+    }
+
+    fn frame(s: &str) -> ByteString {
+        ByteString::from(s.to_string())
+    }
+
+    #[actix_rt::test]
+    async fn past_its_threshold_a_fanout_hands_every_frame_to_its_scatter_and_order_holds() {
+        let metrics = Metrics::new(&prometheus::Registry::new());
+        let topic: Arc<str> = "room:lobby".into();
+        let scatter = Scatter::new(metrics.clone()).start();
+        let cuts = Cuts::default();
+        let reported = cuts.0.clone();
+        let mut fan = Fanout::default();
+        fan.scatter_past(2, scatter, cuts.start().recipient());
+        let (a, sub_a) = session(Kind::Reads);
+        let (b, sub_b) = session(Kind::Reads);
+        fan.insert(SessionId(1), sub_a);
+        fan.insert(SessionId(2), sub_b);
+        fan.send(&frame("1"), None, &topic, &metrics);
+        assert!(!fan.scattering(), "two subscribers are not past two");
+        // Nothing has run yet: the first frame sits in the sessions' mailboxes, sent directly.
+        let (c, sub_c) = session(Kind::Reads);
+        fan.insert(SessionId(3), sub_c);
+        assert!(fan.scattering());
+        fan.send(&frame("2"), None, &topic, &metrics);
+        fan.send_one(SessionId(3), &frame("3 for c"), &topic, &metrics);
+        fan.send(&frame("4"), Some(SessionId(1)), &topic, &metrics);
+        fan.remove(SessionId(3));
+        fan.remove(SessionId(2));
+        assert!(fan.scattering(), "once on, it stays on");
+        fan.send(&frame("5"), None, &topic, &metrics);
+        settle().await;
+        assert_eq!(*a.borrow(), ["1", "2", "5"]);
+        assert_eq!(*b.borrow(), ["1", "2", "4"]);
+        assert_eq!(*c.borrow(), ["2", "3 for c", "4"]);
+        assert_eq!(metrics.deliveries.get(), 9);
+        assert!(reported.borrow().is_empty());
+    }
+
+    #[actix_rt::test]
+    async fn a_scatter_cuts_off_a_full_mailbox_once_and_reports_the_gone() {
+        let metrics = Metrics::new(&prometheus::Registry::new());
+        let topic: Arc<str> = "room:lobby".into();
+        let scatter = Scatter::new(metrics.clone()).start();
+        let cuts = Cuts::default();
+        let reported = cuts.0.clone();
+        let mut fan = Fanout::default();
+        fan.scatter_past(0, scatter, cuts.start().recipient());
+        let (ok, sub_ok) = session(Kind::Reads);
+        let (_, sub_stuck) = session(Kind::Stuck);
+        let (_, sub_gone) = session(Kind::Gone);
+        fan.insert(SessionId(1), sub_ok);
+        fan.insert(SessionId(2), sub_stuck);
+        fan.insert(SessionId(3), sub_gone);
+        settle().await;
+        for i in 0..6 {
+            fan.send(&frame(&i.to_string()), None, &topic, &metrics);
+        }
+        settle().await;
+        assert_eq!(ok.borrow().len(), 6, "the one that reads gets every frame");
+        let cut = reported.borrow().clone();
+        assert_eq!(
+            cut.iter()
+                .filter(|(s, slow)| *s == SessionId(2) && *slow)
+                .count(),
+            1,
+            "the stuck one is cut off once: {cut:?}"
+        );
+        assert_eq!(
+            metrics
+                .outbound_drops
+                .with_label_values(&["slow_consumer"])
+                .get(),
+            1
+        );
+        assert!(
+            cut.contains(&(SessionId(3), false)),
+            "the gone one: {cut:?}"
+        );
+        assert!(cut.iter().all(|(s, _)| *s != SessionId(1)));
     }
 }

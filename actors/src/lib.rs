@@ -4,7 +4,8 @@
 //! The tree, in words:
 //! - `Registry` (one per node, on its own arbiter) supervises. It starts an `AccountActor` per
 //!   tenant and a `RoomActor` per `(account, room)` on demand, spread round-robin over
-//!   `EngineConfig::arbiters` worker threads so a hot room does not stall the others. It keeps
+//!   `EngineConfig::arbiters` worker threads so a hot room does not stall the others, or rooms
+//!   over the server's socket threads, next to the sessions (`registry::PlaceRooms`). It keeps
 //!   the directory of live sessions: to kick one, to close all at shutdown, and to ask them to
 //!   rebuild an actor that died.
 //! - Every WebSocket connection is a session actor (in the server crate's transport module). It

@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 use crate::account::{AccountActor, AccountSpec};
 use crate::cluster::{Change, FromNode, RemoteChanges, Scope};
 use crate::config::EngineConfig;
+use crate::fanout::Scatter;
 use crate::messages::{Crash, Report, ReportMembership, SessionAddr, ToSession};
 use crate::metrics::Metrics;
 use crate::presence::{IdGen, Key, SessionId};
@@ -133,6 +134,14 @@ pub struct CrashActor {
 #[rtype(result = "usize")]
 pub struct Shutdown;
 
+/// Start rooms on these threads from now on, round-robin (the server's socket threads, where
+/// the sessions are), instead of the engine's arbiters. Accounts stay on the arbiters.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PlaceRooms {
+    pub on: Vec<ArbiterHandle>,
+}
+
 /// Totals for `/metrics` and readiness.
 #[derive(Message)]
 #[rtype(result = "RegistryStats")]
@@ -168,6 +177,11 @@ pub struct Registry {
     metrics: Metrics,
     arbiters: Vec<Arbiter>,
     next_arbiter: usize,
+    /// Where rooms start, if not on `arbiters` (`PlaceRooms`).
+    room_threads: Vec<ArbiterHandle>,
+    next_room_thread: usize,
+    /// One per arbiter: where rooms on `room_threads` send their frames once large.
+    scatters: Vec<Addr<Scatter>>,
     next_gen: u64,
     accounts: HashMap<Arc<str>, Slot<AccountActor>>,
     rooms: HashMap<(Arc<str>, Arc<str>), Slot<RoomActor>>,
@@ -190,6 +204,9 @@ impl Registry {
             metrics,
             arbiters: Vec::new(),
             next_arbiter: 0,
+            room_threads: Vec::new(),
+            next_room_thread: 0,
+            scatters: Vec::new(),
             next_gen: 1,
             accounts: HashMap::new(),
             rooms: HashMap::new(),
@@ -216,6 +233,20 @@ impl Registry {
             Some(a) => a.handle(),
             None => Arbiter::current(),
         }
+    }
+
+    /// Where the next room runs, and the scatter it uses once large (only on `room_threads`:
+    /// a room on an arbiter pushes its own frames from a thread of its own already).
+    fn room_arbiter(&mut self) -> (ArbiterHandle, Option<Addr<Scatter>>) {
+        if self.room_threads.is_empty() {
+            return (self.arbiter(), None);
+        }
+        let i = self.next_room_thread;
+        self.next_room_thread = self.next_room_thread.wrapping_add(1);
+        (
+            self.room_threads[i % self.room_threads.len()].clone(),
+            (!self.scatters.is_empty()).then(|| self.scatters[i % self.scatters.len()].clone()),
+        )
     }
 
     fn gen(&mut self) -> u64 {
@@ -269,7 +300,9 @@ impl Registry {
         let members = View::new(Members::new(recovery.is_none()));
         self.directory
             .insert(account.clone(), room.clone(), members.clone());
+        let (arbiter, scatter) = self.room_arbiter();
         let spec = RoomSpec {
+            scatter,
             members,
             account: account.clone(),
             name: room.clone(),
@@ -281,7 +314,7 @@ impl Registry {
             recovery,
         };
         let gen = spec.gen;
-        let addr = RoomActor::start_in_arbiter(&self.arbiter(), move |_| RoomActor::new(spec));
+        let addr = RoomActor::start_in_arbiter(&arbiter, move |_| RoomActor::new(spec));
         self.rooms.insert(
             (account.clone(), room.clone()),
             Slot {
@@ -378,7 +411,13 @@ impl Actor for Registry {
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(64 * 1024);
         for _ in 0..self.cfg.arbiters.max(1) {
-            self.arbiters.push(Arbiter::new());
+            let arbiter = Arbiter::new();
+            let metrics = self.metrics.clone();
+            self.scatters
+                .push(Scatter::start_in_arbiter(&arbiter.handle(), move |_| {
+                    Scatter::new(metrics)
+                }));
+            self.arbiters.push(arbiter);
         }
     }
 
@@ -760,6 +799,14 @@ impl Handler<Shutdown> for Registry {
             });
         }
         self.sessions.len()
+    }
+}
+
+impl Handler<PlaceRooms> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: PlaceRooms, _: &mut Context<Self>) {
+        self.room_threads = msg.on;
     }
 }
 

@@ -1,6 +1,8 @@
 //! `RoomActor`: the presence of one room of one account, and the fan-out to its members.
 //!
-//! A room is started by the registry on one of the engine's arbiters. It owns its `PresenceSet`;
+//! A room is started by the registry on one of the engine's arbiters, or on a socket thread
+//! (`registry::PlaceRooms`); there, past `EngineConfig::scatter_past` members, its frames are
+//! pushed from an arbiter by a `fanout::Scatter`. It owns its `PresenceSet`;
 //! every change becomes a `presence_diff` frame, serialised once and shared by all members; the
 //! changes handled in one drain of its mailbox share one frame, and a room in a storm of joins
 //! and leaves sends them at a paced rate, each frame with all since the last (see
@@ -18,7 +20,7 @@ use tokio::sync::oneshot;
 
 use crate::cluster::{Change, RemoteChanges, Remotes, Request, Scope};
 use crate::config::EngineConfig;
-use crate::fanout::{Dropped, Fanout, Subscriber};
+use crate::fanout::{Cutoff, Dropped, Fanout, Scatter, Subscriber};
 use crate::messages::{Broadcast, Crash, HereNow, Join, Joined, Leave, RoomMembership, SetStatus};
 use crate::metrics::Metrics;
 use crate::now_ms;
@@ -61,6 +63,7 @@ pub struct RoomActor {
     pending: Pending,
     /// Paces the diffs of a busy room (`EngineConfig::diff_pace`).
     pace: Pacer,
+    scatter: Option<Addr<Scatter>>,
 }
 
 /// Most changes one `presence_diff` carries: past this many the batch is sent at once, so a
@@ -227,6 +230,9 @@ pub struct RoomSpec {
     pub recovery: Option<oneshot::Receiver<Vec<RoomMembership>>>,
     /// Where the room keeps its members (made by the registry, which lists it for readers).
     pub members: View<Members>,
+    /// Where its frames go once it is large (`EngineConfig::scatter_past`); given to rooms that
+    /// run on the socket threads.
+    pub scatter: Option<Addr<Scatter>>,
 }
 
 impl RoomActor {
@@ -258,6 +264,7 @@ impl RoomActor {
             metrics: spec.metrics,
             registry: spec.registry,
             recovery: spec.recovery,
+            scatter: spec.scatter,
             idle_timer: None,
             expiry_due: None,
             expiry: Deadline::default(),
@@ -517,6 +524,10 @@ impl Actor for RoomActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(self.cfg.limits.max_outbound.max(1024));
         self.metrics.rooms.inc();
+        if let Some(to) = self.scatter.take() {
+            self.subs
+                .scatter_past(self.cfg.scatter_past, to, ctx.address().recipient());
+        }
         if let Some(rx) = self.recovery.take() {
             let wait =
                 tokio::time::timeout(Duration::from_millis(self.cfg.recovery_timeout_ms * 2), rx);
@@ -679,6 +690,30 @@ impl Handler<Broadcast> for RoomActor {
         self.relay(&frame, except, ctx);
         self.arm_expiry(ctx);
         Ok(())
+    }
+}
+
+impl Handler<Cutoff> for RoomActor {
+    type Result = ();
+
+    /// Members the scatter could not reach: the slow ones leave with grace, as in `flush`;
+    /// the gone ones are only forgotten (their own leave is on its way).
+    fn handle(&mut self, msg: Cutoff, ctx: &mut Context<Self>) {
+        let dropped = msg
+            .sessions
+            .into_iter()
+            .filter_map(|(session, slow)| {
+                self.subs.remove(session).map(|sub| Dropped {
+                    session,
+                    user: sub.user,
+                    slow,
+                })
+            })
+            .collect();
+        let diff = self.slow_ones_leave(dropped);
+        self.emit(diff, None, ctx);
+        self.arm_expiry(ctx);
+        self.check_idle(ctx);
     }
 }
 
@@ -883,12 +918,20 @@ mod tests {
     }
 
     fn room_paced(pace: DiffPace) -> (Addr<RoomActor>, View<Members>) {
-        let cfg = Arc::new(EngineConfig {
+        let cfg = EngineConfig {
             diff_pace: pace,
             ..EngineConfig::default()
-        });
+        };
+        room_with(cfg, Metrics::new(&prometheus::Registry::new()), None)
+    }
+
+    fn room_with(
+        cfg: EngineConfig,
+        metrics: Metrics,
+        scatter: Option<Addr<Scatter>>,
+    ) -> (Addr<RoomActor>, View<Members>) {
+        let cfg = Arc::new(cfg);
         let ids = Arc::new(IdGen::new());
-        let metrics = Metrics::new(&prometheus::Registry::new());
         let registry = Registry::new(cfg.clone(), ids.clone(), metrics.clone()).start();
         let members = View::new(Members::new(true));
         let room = RoomActor::new(RoomSpec {
@@ -901,6 +944,7 @@ mod tests {
             registry,
             recovery: None,
             members: members.clone(),
+            scatter,
         })
         .start();
         (room, members)
@@ -913,7 +957,16 @@ mod tests {
     ) -> (Frames, actix::dev::Request<RoomActor, Join>) {
         let frames = Frames::default();
         let to = Recorder(frames.clone()).start().recipient();
-        let req = room.send(Join {
+        (frames, join_to(room, user, session, to))
+    }
+
+    fn join_to(
+        room: &Addr<RoomActor>,
+        user: &str,
+        session: u64,
+        to: crate::messages::SessionAddr,
+    ) -> actix::dev::Request<RoomActor, Join> {
+        room.send(Join {
             user: user.into(),
             arrival: Arrival {
                 session: crate::presence::SessionId(session),
@@ -923,8 +976,26 @@ mod tests {
                 fields: Arc::new(serde_json::Map::new()),
             },
             to,
-        });
-        (frames, req)
+        })
+    }
+
+    /// A member that never reads its mailbox (of capacity 1).
+    struct Stuck;
+
+    impl Actor for Stuck {
+        type Context = Context<Self>;
+
+        fn started(&mut self, ctx: &mut Context<Self>) {
+            ctx.set_mailbox_capacity(1);
+            ctx.wait(actix::fut::wrap_future(
+                futures_util::future::pending::<()>(),
+            ));
+        }
+    }
+
+    impl Handler<crate::messages::ToSession> for Stuck {
+        type Result = ();
+        fn handle(&mut self, _: crate::messages::ToSession, _: &mut Context<Self>) {}
     }
 
     fn status(
@@ -997,7 +1068,71 @@ mod tests {
 
     #[actix_rt::test]
     async fn changes_queued_together_reach_each_member_as_one_diff_of_what_it_has_not_seen() {
-        let (room, members) = room_here();
+        queued_changes_reach_each_member_as_one_diff(room_here()).await;
+    }
+
+    /// The same through a scatter (a room on a socket thread past `scatter_past` members): the
+    /// frames leave the room's thread but each member still sees them in order.
+    #[actix_rt::test]
+    async fn a_room_past_scatter_past_sends_through_its_scatter_and_every_member_converges() {
+        let cfg = EngineConfig {
+            scatter_past: 1,
+            ..EngineConfig::default()
+        };
+        let metrics = Metrics::new(&prometheus::Registry::new());
+        let scatter = Scatter::new(metrics.clone()).start();
+        queued_changes_reach_each_member_as_one_diff(room_with(cfg, metrics, Some(scatter))).await;
+    }
+
+    #[actix_rt::test]
+    async fn a_member_its_scatter_cannot_reach_leaves_with_grace_and_the_room_goes_on() {
+        let cfg = EngineConfig {
+            scatter_past: 0,
+            grace_ms: 60_000,
+            ..EngineConfig::default()
+        };
+        let metrics = Metrics::new(&prometheus::Registry::new());
+        let scatter = Scatter::new(metrics.clone()).start();
+        let (room, members) = room_with(cfg, metrics.clone(), Some(scatter));
+        let (frames, old) = join(&room, "old", 1);
+        old.await.unwrap().unwrap();
+        join_to(&room, "stuck", 2, Stuck.start().recipient())
+            .await
+            .unwrap()
+            .unwrap();
+        for i in 0..8 {
+            status(&room, "old", 1, if i % 2 == 0 { "away" } else { "busy" })
+                .await
+                .unwrap()
+                .unwrap();
+            settle().await;
+        }
+        assert_eq!(
+            metrics
+                .outbound_drops
+                .with_label_values(&["slow_consumer"])
+                .get(),
+            1
+        );
+        let held = members.read().snapshot().unwrap();
+        let stuck = held
+            .iter()
+            .find(|h| &*h.0 == "stuck")
+            .expect("still present");
+        assert!(stuck.2.is_some(), "a ghost until its grace runs out");
+        let before = frames.borrow().len();
+        status(&room, "old", 1, "online").await.unwrap().unwrap();
+        settle().await;
+        assert_eq!(
+            frames.borrow().len(),
+            before + 1,
+            "the others are still served"
+        );
+    }
+
+    async fn queued_changes_reach_each_member_as_one_diff(
+        (room, members): (Addr<RoomActor>, View<Members>),
+    ) {
         let (old_frames, old) = join(&room, "old", 1);
         let old_state = old.await.unwrap().unwrap().state;
         settle().await;

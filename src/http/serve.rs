@@ -110,6 +110,11 @@ impl SocketThreads {
             .sum()
     }
 
+    /// The socket threads, to start actors on.
+    pub fn handles(&self) -> Vec<actix_rt::ArbiterHandle> {
+        self.threads.iter().map(|t| t.arbiter.handle()).collect()
+    }
+
     /// Once the server has stopped: waits (up to the shutdown timeout) for the sessions, told
     /// to close by then, to finish, then stops the threads.
     pub async fn stop_when_drained(&self) {

@@ -8,7 +8,7 @@ use awc::ws::CloseCode;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
-use presenced::config::Settings;
+use presenced::config::{RoomThreads, Settings};
 use presenced::store::NewUser;
 
 use crate::helpers::*;
@@ -1120,4 +1120,19 @@ fn a_valid_config_file_loads() {
     let s = Settings::load(Some(&path)).expect("valid config");
     assert_eq!(s.presence.grace_ms, 1234);
     assert_eq!(s.server.bind, "127.0.0.1:0");
+}
+
+#[test]
+fn where_rooms_run_is_arbiters_or_sockets_and_anything_else_is_refused_naming_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_config(&dir, "[presence]\nroom_threads = \"sockets\"\n");
+    let s = Settings::load(Some(&path)).expect("valid config");
+    assert_eq!(s.presence.room_threads, RoomThreads::Sockets);
+    assert_eq!(
+        Settings::default().presence.room_threads,
+        RoomThreads::Arbiters
+    );
+    let path = write_config(&dir, "[presence]\nroom_threads = \"elsewhere\"\n");
+    let e = Settings::load(Some(&path)).expect_err("room_threads = elsewhere accepted");
+    assert!(e.to_string().contains("room_threads"), "{e}");
 }

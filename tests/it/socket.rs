@@ -7,7 +7,19 @@ use crate::helpers::*;
 
 #[actix_web::test]
 async fn a_room_member_sees_joins_status_updates_and_leaves_of_another() {
-    let app = spawn_app().await;
+    member_sees_joins_status_updates_and_leaves(&spawn_app().await).await;
+}
+
+/// Rooms on the socket threads (`presence.room_threads = "sockets"`): the same presence, with
+/// the members spread over both socket threads, and the same rebuild after a crash.
+#[actix_web::test]
+async fn with_rooms_on_the_socket_threads_presence_and_supervision_work_the_same() {
+    let app = spawn_app_with(|s| s.presence.room_threads = RoomThreads::Sockets).await;
+    member_sees_joins_status_updates_and_leaves(&app).await;
+    crashed_room_is_rebuilt_without_any_leave(&app).await;
+}
+
+async fn member_sees_joins_status_updates_and_leaves(app: &TestApp) {
     let acc = app.create_account("Acme").await;
     let mut a = app.connect(&app.user_token(&acc, "ann")).await;
     let state = a.join_ok("room:lobby", json!({"status": "online"})).await;
@@ -42,6 +54,7 @@ async fn a_room_member_sees_joins_status_updates_and_leaves_of_another() {
 }
 
 use presence_actors::registry::{CrashActor, DownKind};
+use presenced::config::RoomThreads;
 
 async fn crash(app: &TestApp, kind: DownKind) {
     let ok = app
@@ -55,8 +68,11 @@ async fn crash(app: &TestApp, kind: DownKind) {
 
 #[actix_web::test]
 async fn a_room_actor_that_crashes_is_rebuilt_from_live_sessions_without_any_leave() {
-    let app = spawn_app().await;
-    let acc = app.create_account("Acme").await;
+    crashed_room_is_rebuilt_without_any_leave(&spawn_app().await).await;
+}
+
+async fn crashed_room_is_rebuilt_without_any_leave(app: &TestApp) {
+    let acc = app.create_account("Ops").await;
     let mut a = app.connect(&app.user_token(&acc, "ann")).await;
     a.join_ok("room:ops", json!({"status": "online"})).await;
     let mut b = app.connect(&app.user_token(&acc, "bob")).await;
@@ -64,7 +80,7 @@ async fn a_room_actor_that_crashes_is_rebuilt_from_live_sessions_without_any_lea
     a.expect("bob's join", is_diff("room:ops")).await;
 
     crash(
-        &app,
+        app,
         DownKind::Room {
             account: acc.id.as_str().into(),
             room: "ops".into(),
