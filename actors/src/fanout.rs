@@ -369,9 +369,11 @@ mod tests {
         }
     }
 
+    type Reported = Rc<RefCell<Vec<(SessionId, bool)>>>;
+
     /// Records what a scatter reports.
     #[derive(Default)]
-    struct Cuts(Rc<RefCell<Vec<(SessionId, bool)>>>);
+    struct Cuts(Reported);
 
     impl Actor for Cuts {
         type Context = Context<Self>;
@@ -408,15 +410,21 @@ mod tests {
         ByteString::from(s.to_string())
     }
 
-    #[actix_rt::test]
-    async fn past_its_threshold_a_fanout_hands_every_frame_to_its_scatter_and_order_holds() {
+    /// A fan-out that scatters past `past` subscribers, its metrics, a topic, and what its
+    /// scatter reports.
+    fn scattering_past(past: usize) -> (Fanout, Metrics, Arc<str>, Reported) {
         let metrics = Metrics::new(&prometheus::Registry::new());
-        let topic: Arc<str> = "room:lobby".into();
         let scatter = Scatter::new(metrics.clone()).start();
         let cuts = Cuts::default();
         let reported = cuts.0.clone();
         let mut fan = Fanout::default();
-        fan.scatter_past(2, scatter, cuts.start().recipient());
+        fan.scatter_past(past, scatter, cuts.start().recipient());
+        (fan, metrics, "room:lobby".into(), reported)
+    }
+
+    #[actix_rt::test]
+    async fn past_its_threshold_a_fanout_hands_every_frame_to_its_scatter_and_order_holds() {
+        let (mut fan, metrics, topic, reported) = scattering_past(2);
         let (a, sub_a) = session(Kind::Reads);
         let (b, sub_b) = session(Kind::Reads);
         fan.insert(SessionId(1), sub_a);
@@ -444,13 +452,7 @@ mod tests {
 
     #[actix_rt::test]
     async fn a_scatter_cuts_off_a_full_mailbox_once_and_reports_the_gone() {
-        let metrics = Metrics::new(&prometheus::Registry::new());
-        let topic: Arc<str> = "room:lobby".into();
-        let scatter = Scatter::new(metrics.clone()).start();
-        let cuts = Cuts::default();
-        let reported = cuts.0.clone();
-        let mut fan = Fanout::default();
-        fan.scatter_past(0, scatter, cuts.start().recipient());
+        let (mut fan, metrics, topic, reported) = scattering_past(0);
         let (ok, sub_ok) = session(Kind::Reads);
         let (_, sub_stuck) = session(Kind::Stuck);
         let (_, sub_gone) = session(Kind::Gone);

@@ -822,3 +822,50 @@ impl Handler<Stats> for Registry {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn resolve(registry: &Addr<Registry>, room: &str) -> Addr<RoomActor> {
+        registry
+            .send(ResolveRoom {
+                account: "acc".into(),
+                room: room.into(),
+            })
+            .await
+            .expect("registry answers")
+            .expect("room started")
+    }
+
+    /// A room started after `PlaceRooms` runs on the thread it names: it dies with that thread,
+    /// while one started before stays on the engine's arbiters.
+    #[actix_rt::test]
+    async fn rooms_start_where_they_are_placed_and_die_with_that_thread() {
+        let cfg = Arc::new(EngineConfig {
+            room_idle_ms: 60_000,
+            ..EngineConfig::default()
+        });
+        let metrics = Metrics::new(&prometheus::Registry::new());
+        let registry = Registry::new(cfg, Arc::new(IdGen::new()), metrics).start();
+        let before = resolve(&registry, "before").await;
+        let thread = Arbiter::new();
+        registry
+            .send(PlaceRooms {
+                on: vec![thread.handle()],
+            })
+            .await
+            .expect("registry answers");
+        let placed = resolve(&registry, "placed").await;
+        assert!(placed.connected());
+        thread.stop();
+        for _ in 0..500 {
+            if !placed.connected() {
+                break;
+            }
+            actix_rt::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!placed.connected(), "the room ran on the stopped thread");
+        assert!(before.connected(), "the earlier room is on an arbiter");
+    }
+}

@@ -63,6 +63,7 @@ pub struct RoomActor {
     pending: Pending,
     /// Paces the diffs of a busy room (`EngineConfig::diff_pace`).
     pace: Pacer,
+    /// Handed to `subs` when the room starts (`RoomSpec::scatter`).
     scatter: Option<Addr<Scatter>>,
 }
 
