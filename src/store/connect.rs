@@ -244,16 +244,24 @@ fn percent_decode(s: &str) -> Result<String, std::string::FromUtf8Error> {
 /// Applies the PRAGMAs every SQLite connection needs, as each one is opened.
 ///
 /// `busy_timeout` comes first so that switching to WAL waits for other connections rather than
-/// failing; `foreign_keys` is per connection in SQLite and off by default.
+/// failing; `foreign_keys` is per connection in SQLite and off by default; so is
+/// `journal_size_limit`, which bounds the WAL file ([`WAL_SIZE_LIMIT_BYTES`]).
 fn apply_sqlite_pragmas(conn: &mut SqliteConnection) -> diesel::QueryResult<()> {
     conn.batch_execute(&format!(
         "PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}; \
          PRAGMA journal_mode = WAL; \
          PRAGMA foreign_keys = ON; \
          PRAGMA synchronous = NORMAL; \
-         PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES};"
+         PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}; \
+         PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES};"
     ))
 }
+
+/// The most a WAL file keeps on disk once a checkpoint has let it start over. Without a limit
+/// SQLite reuses the file at the largest size it ever reached (a burst of ticks while the
+/// writer was behind, a restore): disk that a small node never gets back. This is above what a
+/// tick of 20 000 sessions writes, so the file is not cut and regrown every tick.
+pub(crate) const WAL_SIZE_LIMIT_BYTES: i64 = 64 * 1024 * 1024;
 
 /// WAL pages after which a committing connection checkpoints by itself. The snapshot writer
 /// checkpoints after every tick (`Store::checkpoint`), once for all the tick's slices, so that a

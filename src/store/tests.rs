@@ -160,6 +160,27 @@ fn the_parent_directory_of_the_database_file_is_created() {
 }
 
 #[test]
+fn every_sqlite_connection_bounds_the_wal_file_it_leaves_behind() {
+    #[derive(QueryableByName)]
+    struct Limit {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        journal_size_limit: i64,
+    }
+    let db = Db::sqlite();
+    // The PRAGMA is per connection: ask two at once, so they are two.
+    let mut conns = [db.store.pool.get().unwrap(), db.store.pool.get().unwrap()];
+    for conn in conns.iter_mut() {
+        let limit = diesel::sql_query("PRAGMA journal_size_limit")
+            .get_result::<Limit>(&mut **conn)
+            .unwrap();
+        assert_eq!(
+            limit.journal_size_limit,
+            super::connect::WAL_SIZE_LIMIT_BYTES
+        );
+    }
+}
+
+#[test]
 fn an_in_memory_store_keeps_one_database_across_calls() {
     let store = Store::open("sqlite::memory:", 8).unwrap();
     store
