@@ -196,15 +196,7 @@ impl Fanout {
         for d in &dropped {
             if let Some(sub) = self.subs.remove(&d.session) {
                 if d.slow {
-                    metrics
-                        .outbound_drops
-                        .with_label_values(&["slow_consumer"])
-                        .inc();
-                    // One message past capacity, once: the session closes itself when it runs.
-                    sub.to.do_send(ToSession::Evicted {
-                        topic: topic.clone(),
-                        reason: Reason::SlowConsumer,
-                    });
+                    evict_slow(&sub.to, topic, metrics);
                 }
             }
         }
@@ -257,7 +249,7 @@ impl Scatter {
         if self.cut.insert(session) {
             self.cut_order.push_back(session);
         }
-        while self.cut_order.len() > CUT_REMEMBERED {
+        if self.cut_order.len() > CUT_REMEMBERED {
             if let Some(old) = self.cut_order.pop_front() {
                 self.cut.remove(&old);
             }
@@ -281,30 +273,35 @@ impl Handler<Scattered> for Scatter {
             }
             match offer(to, &msg.topic, &msg.frame) {
                 Ok(()) => delivered += 1,
-                Err(slow) => cut.push((*id, slow)),
+                Err(slow) => {
+                    if slow {
+                        evict_slow(to, &msg.topic, &self.metrics);
+                    }
+                    cut.push((*id, slow));
+                }
             }
         }
         self.metrics.deliveries.inc_by(delivered);
-        for (id, slow) in &cut {
-            if *slow {
-                self.metrics
-                    .outbound_drops
-                    .with_label_values(&["slow_consumer"])
-                    .inc();
-                if let Some((_, to)) = msg.to.iter().find(|(s, _)| s == id) {
-                    // One message past capacity: the session closes itself when it runs.
-                    to.do_send(ToSession::Evicted {
-                        topic: msg.topic.clone(),
-                        reason: Reason::SlowConsumer,
-                    });
-                }
-            }
+        for (id, _) in &cut {
             self.remember_cut(*id);
         }
         if !cut.is_empty() {
             msg.cutoff.do_send(Cutoff { sessions: cut });
         }
     }
+}
+
+/// Tells a subscriber whose queue is full that it is cut off from `topic`: one message past
+/// capacity, once; the session closes itself when it runs.
+fn evict_slow(to: &SessionAddr, topic: &Arc<str>, metrics: &Metrics) {
+    metrics
+        .outbound_drops
+        .with_label_values(&["slow_consumer"])
+        .inc();
+    to.do_send(ToSession::Evicted {
+        topic: topic.clone(),
+        reason: Reason::SlowConsumer,
+    });
 }
 
 /// Hands `frame` to one subscriber; `Err(true)` if its queue is full, `Err(false)` if it is gone.
