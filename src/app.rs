@@ -440,22 +440,57 @@ pub mod os {
     /// started from it afterwards inherit the policy.
     pub fn schedule_this_thread_as_batch() -> std::io::Result<()> {
         #[cfg(target_os = "linux")]
-        {
-            let param = libc::sched_param { sched_priority: 0 };
-            // SAFETY: `param` is a valid sched_param for the duration of the call; pid 0 is the
-            // calling thread, whose policy is all this changes.
-            let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
-            if rc == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        }
+        return set_this_threads_policy(libc::SCHED_BATCH);
         #[cfg(not(target_os = "linux"))]
         Err(std::io::Error::new(
             std::io::ErrorKind::Unsupported,
             "SCHED_BATCH is Linux only",
         ))
+    }
+
+    /// Puts the calling thread under the default policy (`SCHED_OTHER`), whatever the process
+    /// runs under: for the threads that serve connections (see `schedule_node`). Elsewhere
+    /// than Linux, nothing.
+    pub fn schedule_this_thread_as_normal() {
+        #[cfg(target_os = "linux")]
+        if let Err(e) = set_this_threads_policy(libc::SCHED_OTHER) {
+            log::debug!("could not put a serving thread under the default policy: {e}");
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    fn set_this_threads_policy(policy: libc::c_int) -> std::io::Result<()> {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: `param` is a valid sched_param for the duration of the call; pid 0 is the
+        // calling thread, whose policy is all this changes.
+        let rc = unsafe { libc::sched_setscheduler(0, policy, &param) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    /// Applies `server.scheduling` to the calling thread, and so to every thread it starts
+    /// afterwards: call it before the runtime starts. The threads that serve connections (the
+    /// socket threads, the HTTP workers) put themselves back under the default policy when
+    /// they start (`schedule_this_thread_as_normal`), so under `batch` only the engine's and
+    /// the background threads (arbiters, registry, snapshots, database pool) run under
+    /// `SCHED_BATCH`. A policy that cannot be applied is logged, and the node runs under the
+    /// default one.
+    pub fn schedule_node(policy: crate::config::Scheduling) {
+        use crate::config::Scheduling;
+        match policy {
+            Scheduling::Normal => {}
+            Scheduling::Batch => match schedule_this_thread_as_batch() {
+                Ok(()) => log::debug!("the node's threads run under SCHED_BATCH"),
+                // Not Linux: the setting means nothing here.
+                Err(e) if e.kind() == std::io::ErrorKind::Unsupported => log::debug!("{e}"),
+                Err(e) => log::warn!(
+                    "server.scheduling = \"batch\" not applied ({e}); the node runs under the default policy"
+                ),
+            },
+        }
     }
 
     /// Whether the calling thread runs under `SCHED_BATCH`.

@@ -60,6 +60,8 @@ pub struct ServerSettings {
     /// Threads that run the WebSocket sessions, apart from the HTTP workers; 0 means one per
     /// core.
     pub socket_threads: usize,
+    /// The kernel scheduling policy of the node's threads (Linux).
+    pub scheduling: Scheduling,
     /// Seconds to wait for connections to finish at shutdown before dropping them.
     pub shutdown_timeout_s: u64,
     /// Reverse proxies whose `X-Forwarded-For` is believed (IP addresses).
@@ -75,6 +77,7 @@ impl Default for ServerSettings {
             bind: "127.0.0.1:4000".into(),
             workers: 0,
             socket_threads: 0,
+            scheduling: Scheduling::default(),
             shutdown_timeout_s: 5,
             trusted_proxies: Vec::new(),
             cors_origins: Vec::new(),
@@ -116,6 +119,23 @@ impl Default for RedisSettings {
             prefix: "presenced".into(),
         }
     }
+}
+
+/// How the kernel schedules the node's threads (`server.scheduling`, Linux only).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Scheduling {
+    /// The engine's and the background threads (arbiters, registry, snapshots, database pool)
+    /// under `SCHED_BATCH`: the same share of the CPU, but such a thread, woken by a message,
+    /// does not preempt the one running; it runs when that one blocks or its slice ends (an
+    /// idle core still takes it at once). The threads that serve connections (socket threads,
+    /// HTTP workers) keep the default policy. Under the default policy for all, every message
+    /// a session sent its room woke the room's arbiter, which preempted the socket thread in
+    /// the middle of its writes (BENCHMARKS.md, "The engine under SCHED_BATCH").
+    #[default]
+    Batch,
+    /// The kernel's default policy (`SCHED_OTHER`): a woken thread may preempt at once.
+    Normal,
 }
 
 /// Which threads run the room actors (`presence.room_threads`).
@@ -303,6 +323,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("server.bind", "127.0.0.1:4000"),
     ("server.workers", "0 (one per core)"),
     ("server.socket_threads", "0 (one per core)"),
+    ("server.scheduling", "batch (or normal)"),
     ("server.shutdown_timeout_s", "5"),
     (
         "database.url (or DATABASE_URL)",

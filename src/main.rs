@@ -79,6 +79,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Before the runtime starts any thread: each inherits the policy of the thread that
+    // starts it.
+    app::os::schedule_node(settings.server.scheduling);
     let sys = actix_web::rt::System::new();
     sys.block_on(async move {
         let app = match Application::build(settings.clone()).await {

@@ -513,6 +513,11 @@ impl ChildNode {
         .await;
     }
 
+    /// The node's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `Child::kill` is SIGKILL on Unix: no shutdown path runs, no final snapshot.
     pub fn kill9(&mut self) {
         self.child.kill().expect("kill -9");

@@ -8,7 +8,7 @@ use awc::ws::CloseCode;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
-use presenced::config::{RoomThreads, Settings};
+use presenced::config::{RoomThreads, Scheduling, Settings};
 use presenced::store::NewUser;
 
 use crate::helpers::*;
@@ -1120,6 +1120,103 @@ fn a_valid_config_file_loads() {
     let s = Settings::load(Some(&path)).expect("valid config");
     assert_eq!(s.presence.grace_ms, 1234);
     assert_eq!(s.server.bind, "127.0.0.1:0");
+}
+
+#[test]
+fn the_scheduling_policy_is_batch_or_normal_and_anything_else_is_refused_naming_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    assert_eq!(Settings::default().server.scheduling, Scheduling::Batch);
+    let path = write_config(&dir, "[server]\nscheduling = \"normal\"\n");
+    let s = Settings::load(Some(&path)).expect("valid config");
+    assert_eq!(s.server.scheduling, Scheduling::Normal);
+    let path = write_config(&dir, "[server]\nscheduling = \"fifo\"\n");
+    let e = Settings::load(Some(&path)).expect_err("scheduling = fifo accepted");
+    assert!(e.to_string().contains("scheduling"), "{e}");
+}
+
+/// The scheduling policy of every thread of a process, by thread name (`/proc`, Linux):
+/// `policy` is the 41st field of `stat`, counted after the name in parentheses.
+#[cfg(target_os = "linux")]
+fn thread_policies(pid: u32) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc/PID/task") {
+        let dir = task.expect("a task").path();
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(dir.join("comm")),
+            std::fs::read_to_string(dir.join("stat")),
+        ) else {
+            continue; // a thread that ended meanwhile
+        };
+        let after_name = &stat[stat.rfind(')').expect("stat has the name") + 2..];
+        // Field 3 (state) is the first after the name; policy is field 41.
+        let policy = after_name
+            .split_whitespace()
+            .nth(41 - 3)
+            .and_then(|p| p.parse().ok())
+            .expect("stat has the policy");
+        out.push((comm.trim().to_string(), policy));
+    }
+    out
+}
+
+#[cfg(target_os = "linux")]
+#[actix_web::test]
+async fn under_batch_the_engine_s_threads_do_not_preempt_the_threads_serving_connections() {
+    const SCHED_OTHER: u32 = 0;
+    const SCHED_BATCH: u32 = 3;
+    let start = |setting: &str, dir: &tempfile::TempDir| {
+        ChildNode::start(
+            free_port(),
+            &[
+                (
+                    "DATABASE_URL",
+                    format!("sqlite://{}", dir.path().join("p.db").display()),
+                ),
+                ("PRESENCED__SERVER__SCHEDULING", setting.into()),
+                ("PRESENCED__SERVER__WORKERS", "2".into()),
+                ("PRESENCED__SERVER__SOCKET_THREADS", "3".into()),
+                ("PRESENCED__PRESENCE__ARBITERS", "2".into()),
+            ],
+        )
+    };
+    let under = |threads: &[(String, u32)], prefix: &str, policy: u32| {
+        threads
+            .iter()
+            .filter(|(name, p)| name.starts_with(prefix) && *p == policy)
+            .count()
+    };
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = start("batch", &dir);
+    node.ready().await;
+    let threads = thread_policies(node.pid());
+    // The two HTTP workers and the three socket threads keep the default policy; the
+    // registry's and the two engine arbiters, and the process's first thread, run under
+    // SCHED_BATCH (all of these runtime threads are named "actix-rt|system…").
+    assert_eq!(
+        under(&threads, "actix-rt", SCHED_OTHER),
+        2 + 3,
+        "{threads:?}"
+    );
+    assert!(under(&threads, "actix-rt", SCHED_BATCH) >= 3, "{threads:?}");
+    // The first thread and the snapshot writer bear the binary's name.
+    assert!(
+        under(&threads, "presenced", SCHED_BATCH) >= 2,
+        "{threads:?}"
+    );
+    assert_eq!(under(&threads, "presenced", SCHED_OTHER), 0, "{threads:?}");
+    drop(node);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = start("normal", &dir);
+    node.ready().await;
+    let threads = thread_policies(node.pid());
+    assert!(threads.len() >= 8, "{threads:?}");
+    let batch: Vec<_> = threads.iter().filter(|(_, p)| *p != SCHED_OTHER).collect();
+    assert!(
+        batch.is_empty(),
+        "normal: threads under another policy: {batch:?}"
+    );
 }
 
 #[test]
