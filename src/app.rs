@@ -449,8 +449,7 @@ pub mod os {
     }
 
     /// Puts the calling thread under the default policy (`SCHED_OTHER`), whatever the process
-    /// runs under: for the threads that serve connections (see `schedule_node`). Elsewhere
-    /// than Linux, nothing.
+    /// runs under: for the HTTP workers (see `schedule_node`). Elsewhere than Linux, nothing.
     pub fn schedule_this_thread_as_normal() {
         #[cfg(target_os = "linux")]
         if let Err(e) = set_this_threads_policy(libc::SCHED_OTHER) {
@@ -472,12 +471,11 @@ pub mod os {
     }
 
     /// Applies `server.scheduling` to the calling thread, and so to every thread it starts
-    /// afterwards: call it before the runtime starts. The threads that serve connections (the
-    /// socket threads, the HTTP workers) put themselves back under the default policy when
-    /// they start (`schedule_this_thread_as_normal`), so under `batch` only the engine's and
-    /// the background threads (arbiters, registry, snapshots, database pool) run under
-    /// `SCHED_BATCH`. A policy that cannot be applied is logged, and the node runs under the
-    /// default one.
+    /// afterwards: call it before the runtime starts. The HTTP workers put themselves back
+    /// under the default policy when they start (`schedule_this_thread_as_normal`), so under
+    /// `batch` every other thread (socket threads, arbiters, registry, snapshots, database
+    /// pool) runs under `SCHED_BATCH`. A policy that cannot be applied is logged, and the node
+    /// runs under the default one.
     pub fn schedule_node(policy: crate::config::Scheduling) {
         use crate::config::Scheduling;
         match policy {

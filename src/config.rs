@@ -125,13 +125,14 @@ impl Default for RedisSettings {
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Scheduling {
-    /// The engine's and the background threads (arbiters, registry, snapshots, database pool)
-    /// under `SCHED_BATCH`: the same share of the CPU, but such a thread, woken by a message,
-    /// does not preempt the one running; it runs when that one blocks or its slice ends (an
-    /// idle core still takes it at once). The threads that serve connections (socket threads,
-    /// HTTP workers) keep the default policy. Under the default policy for all, every message
-    /// a session sent its room woke the room's arbiter, which preempted the socket thread in
-    /// the middle of its writes (BENCHMARKS.md, "The engine under SCHED_BATCH").
+    /// Every thread but the HTTP workers (socket threads, arbiters, registry, snapshots,
+    /// database pool) under `SCHED_BATCH`: the same share of the CPU, but a thread woken by a
+    /// message or a socket does not preempt the one running; it runs when that one blocks or
+    /// its slice ends (an idle core still takes it at once). The node's threads hand each
+    /// other work all the time (a session's change wakes its room, the room's diff wakes the
+    /// socket threads), and under the default policy each such wake preempted the sender in
+    /// the middle of its writes on a busy machine (BENCHMARKS.md, "The node under
+    /// SCHED_BATCH"). The HTTP workers keep the default policy, so the API answers at once.
     #[default]
     Batch,
     /// The kernel's default policy (`SCHED_OTHER`): a woken thread may preempt at once.

@@ -236,7 +236,6 @@ where
         let (make_app, shutdown, count) = (make_app.clone(), shutdown.clone(), live.clone());
         // The service is built on the thread that runs it (it is not `Send`).
         arbiter.spawn_fn(move || {
-            crate::app::os::schedule_this_thread_as_normal();
             let factory = http_service(make_app(), addr, shutdown);
             actix_rt::spawn(socket_thread(rx, factory, count));
         });
@@ -254,7 +253,8 @@ where
     let on_connect = cfg.on_connect;
     let pool = sockets.clone();
     builder = builder.listen("presenced", cfg.listener, move || {
-        // Called on each worker's thread as it starts.
+        // Called on each worker's thread as it starts: the API answers at once, however busy
+        // the sessions are (`server.scheduling`).
         crate::app::os::schedule_this_thread_as_normal();
         let http = http_service(make_app(), addr, shutdown.clone());
         let pool = pool.clone();
