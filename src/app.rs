@@ -245,6 +245,8 @@ impl Application {
                 socket_threads: per_core(settings.server.socket_threads),
                 shutdown_timeout_s: settings.server.shutdown_timeout_s,
                 on_connect: tune_connection,
+                workers_on_default_policy: settings.server.scheduling
+                    == crate::config::Scheduling::Batch,
             },
         )
         .map_err(|source| StartError::Bind {
@@ -475,7 +477,8 @@ pub mod os {
     /// under the default policy when they start (`schedule_this_thread_as_normal`), so under
     /// `batch` every other thread (socket threads, arbiters, registry, snapshots, database
     /// pool) runs under `SCHED_BATCH`. A policy that cannot be applied is logged, and the node
-    /// runs under the default one.
+    /// runs under the one it was started with. `normal` changes nothing: the node keeps the
+    /// policy it was started with (the default, unless started under `chrt`).
     pub fn schedule_node(policy: crate::config::Scheduling) {
         use crate::config::Scheduling;
         match policy {

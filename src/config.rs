@@ -135,7 +135,8 @@ pub enum Scheduling {
     /// SCHED_BATCH"). The HTTP workers keep the default policy, so the API answers at once.
     #[default]
     Batch,
-    /// The kernel's default policy (`SCHED_OTHER`): a woken thread may preempt at once.
+    /// The policy the node was started with, for every thread: the kernel's default
+    /// (`SCHED_OTHER`, a woken thread may preempt at once) unless started under `chrt`.
     Normal,
 }
 

@@ -80,6 +80,9 @@ pub struct ServeConfig {
     pub shutdown_timeout_s: u64,
     /// Called once per accepted connection (socket options).
     pub on_connect: fn(&TcpStream),
+    /// The process runs under `SCHED_BATCH` (`server.scheduling`): each HTTP worker puts
+    /// itself back under the default policy as it starts.
+    pub workers_on_default_policy: bool,
 }
 
 /// The running server and its socket threads.
@@ -251,11 +254,14 @@ where
     });
 
     let on_connect = cfg.on_connect;
+    let workers_on_default_policy = cfg.workers_on_default_policy;
     let pool = sockets.clone();
     builder = builder.listen("presenced", cfg.listener, move || {
         // Called on each worker's thread as it starts: the API answers at once, however busy
         // the sessions are (`server.scheduling`).
-        crate::app::os::schedule_this_thread_as_normal();
+        if workers_on_default_policy {
+            crate::app::os::schedule_this_thread_as_normal();
+        }
         let http = http_service(make_app(), addr, shutdown.clone());
         let pool = pool.clone();
         fn_factory(move || {
