@@ -488,7 +488,7 @@ pub mod os {
                 // Not Linux: the setting means nothing here.
                 Err(e) if e.kind() == std::io::ErrorKind::Unsupported => log::debug!("{e}"),
                 Err(e) => log::warn!(
-                    "server.scheduling = \"batch\" not applied ({e}); the node runs under the default policy"
+                    "server.scheduling = \"batch\" not applied ({e}); the node keeps the policy it was started with"
                 ),
             },
         }
