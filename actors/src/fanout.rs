@@ -317,7 +317,7 @@ fn offer(to: &SessionAddr, topic: &Arc<str>, frame: &ByteString) -> Result<(), b
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::cell::RefCell;
     use std::rc::Rc;
 
@@ -326,7 +326,7 @@ mod tests {
     type Seen = Rc<RefCell<Vec<String>>>;
 
     #[derive(Clone, Copy, PartialEq)]
-    enum Kind {
+    pub(crate) enum Kind {
         Reads,
         /// Never reads its mailbox (of capacity 1).
         Stuck,
@@ -334,7 +334,7 @@ mod tests {
         Gone,
     }
 
-    /// A session that records its frames.
+    /// A session that records its frames (the room's tests use it too).
     struct Session {
         seen: Seen,
         kind: Kind,
@@ -383,7 +383,7 @@ mod tests {
         }
     }
 
-    fn session(kind: Kind) -> (Seen, Subscriber) {
+    pub(crate) fn session(kind: Kind) -> (Seen, Subscriber) {
         let seen = Seen::default();
         let addr = Session {
             seen: seen.clone(),

@@ -859,6 +859,7 @@ impl Handler<Crash> for RoomActor {
 mod tests {
     use super::*;
     use crate::config::DiffPace;
+    use crate::fanout::tests::{session, Kind};
     use crate::presence::{Arrival, IdGen};
 
     fn with_ann(ready: bool) -> Members {
@@ -980,25 +981,6 @@ mod tests {
         })
     }
 
-    /// A member that never reads its mailbox (of capacity 1).
-    struct Stuck;
-
-    impl Actor for Stuck {
-        type Context = Context<Self>;
-
-        fn started(&mut self, ctx: &mut Context<Self>) {
-            ctx.set_mailbox_capacity(1);
-            ctx.wait(actix::fut::wrap_future(
-                futures_util::future::pending::<()>(),
-            ));
-        }
-    }
-
-    impl Handler<crate::messages::ToSession> for Stuck {
-        type Result = ();
-        fn handle(&mut self, _: crate::messages::ToSession, _: &mut Context<Self>) {}
-    }
-
     fn status(
         room: &Addr<RoomActor>,
         user: &str,
@@ -1097,7 +1079,7 @@ mod tests {
         let (room, members) = room_with(cfg, metrics.clone(), Some(scatter));
         let (frames, old) = join(&room, "old", 1);
         old.await.unwrap().unwrap();
-        join_to(&room, "stuck", 2, Stuck.start().recipient())
+        join_to(&room, "stuck", 2, session(Kind::Stuck).1.to)
             .await
             .unwrap()
             .unwrap();
