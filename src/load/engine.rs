@@ -686,6 +686,7 @@ pub async fn run(
         .collect();
     let started = Instant::now();
     let cpu_at_start = stats::cpu_seconds(None).unwrap_or(0.0);
+    let wait_at_start = stats::cpu_wait_seconds(None);
     // The ramp ends with the last first join answered ok (failures may take a timeout longer).
     let mut last_ok = started;
     let mut tasks = 0usize;
@@ -850,6 +851,9 @@ pub async fn run(
             .map(|(&stamp, &(us, n))| (stamp, us, n))
             .collect(),
         cpu_s: stats::cpu_seconds(None).unwrap_or(0.0) - cpu_at_start,
+        cpu_wait_s: stats::cpu_wait_seconds(None)
+            .zip(wait_at_start)
+            .map(|(now, start)| (now - start).max(0.0)),
     })));
 }
 

@@ -222,7 +222,8 @@ OPTIONS (default):\n\
 \x20 --sources A-B       local addresses for the client sockets, e.g. 127.0.0.2-127.0.0.40 or\n\
 \x20                     127.0.0.2,127.0.0.3 (none: the kernel's choice; ~28 000 ports each)\n\
 \x20 --server-pid PID    read the node's RSS from /proc/PID/status (else its /metrics\n\
-\x20                     process_resident_memory_bytes, else no RSS figure)\n\
+\x20                     process_resident_memory_bytes, else no RSS figure), its CPU time\n\
+\x20                     and its threads' wait for a CPU (/proc/PID/task/*/schedstat)\n\
 \x20 --json FILE         every figure as JSON\n\
 \x20 --report FILE       a self-contained HTML report (latency percentiles, timeline)\n\
 \x20 --heartbeat D       heartbeat period of each session (25s)\n\
@@ -565,6 +566,7 @@ pub async fn run(o: LoadOptions) -> Result<Summary, LoadError> {
     }
     let rss_before = rss(&o).await;
     let server_cpu_before = o.server_pid.and_then(|p| stats::cpu_seconds(Some(p)));
+    let server_wait_before = o.server_pid.and_then(|p| stats::cpu_wait_seconds(Some(p)));
     let started = Instant::now();
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
     let mut gos = Vec::new();
@@ -745,6 +747,9 @@ pub async fn run(o: LoadOptions) -> Result<Summary, LoadError> {
     s.server_cpu_s = server_cpu_before
         .zip(o.server_pid.and_then(|p| stats::cpu_seconds(Some(p))))
         .map(|(a, b)| b - a);
+    s.server_cpu_wait_s = server_wait_before
+        .zip(o.server_pid.and_then(|p| stats::cpu_wait_seconds(Some(p))))
+        .map(|(a, b)| (b - a).max(0.0));
     for f in fatal {
         *s.errors.entry(f).or_default() += 1;
         s.errors_total += 1;
@@ -828,6 +833,7 @@ async fn run_demo(o: LoadOptions) -> Result<Summary, LoadError> {
     let (ready_tx, ready_rx) = oneshot::channel::<demo::Ready>();
     let started = Instant::now();
     let cpu_before = stats::cpu_seconds(None).unwrap_or(0.0);
+    let wait_before = stats::cpu_wait_seconds(None);
     let ramp = std::rc::Rc::new(std::cell::Cell::new(None));
     let ramp2 = ramp.clone();
     let duration = o.duration;
@@ -851,6 +857,9 @@ async fn run_demo(o: LoadOptions) -> Result<Summary, LoadError> {
     );
     s.wall_s = started.elapsed().as_secs_f64();
     s.client_cpu_s = (stats::cpu_seconds(None).unwrap_or(0.0) - cpu_before).max(0.0);
+    s.client_cpu_wait_s = stats::cpu_wait_seconds(None)
+        .zip(wait_before)
+        .map(|(now, before)| (now - before).max(0.0));
     s.changes = r.events;
     s.changes_per_s = r.events as f64 / o.duration.as_secs_f64();
     s.reconnects = r.reconnects;

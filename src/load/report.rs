@@ -127,6 +127,13 @@ pub struct Summary {
     /// `--server-pid`) from before the ramp to the end.
     pub client_cpu_s: f64,
     pub server_cpu_s: Option<f64>,
+    /// Seconds the generator's and the node's threads were runnable but waited for a CPU,
+    /// over the same spans (Linux; `stats::cpu_wait_seconds`). On a machine they share, the
+    /// figure behind a latency tail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cpu_wait_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_cpu_wait_s: Option<f64>,
     pub wall_s: f64,
     pub reconnects: u64,
     pub throttled: u64,
@@ -287,6 +294,8 @@ pub(super) fn summarize(
         frames: sum(|t| t.frames),
         client_cpu_s: finals.iter().map(|t| t.cpu_s).sum(),
         server_cpu_s: None,
+        client_cpu_wait_s: finals.iter().map(|t| t.cpu_wait_s).sum::<Option<f64>>(),
+        server_cpu_wait_s: None,
         wall_s: 0.0,
         reconnects: sum(|t| t.reconnects),
         throttled: sum(|t| t.throttled),
@@ -402,6 +411,17 @@ impl Summary {
                 self.wall_s
             ),
         );
+        if self.client_cpu_wait_s.is_some() || self.server_cpu_wait_s.is_some() {
+            let s = |w: Option<f64>| w.map_or("not measured".to_string(), |w| format!("{w:.1} s"));
+            row(
+                "waiting for a CPU",
+                format!(
+                    "load generator {}, node {} (runnable, not running; summed over threads)",
+                    s(self.client_cpu_wait_s),
+                    s(self.server_cpu_wait_s)
+                ),
+            );
+        }
         row(
             "reconnects / throttled",
             format!("{} / {}", self.reconnects, self.throttled),

@@ -166,6 +166,9 @@ pub struct Totals {
     /// CPU seconds (user + system) this worker's process used.
     #[serde(default)]
     pub cpu_s: f64,
+    /// Seconds its threads waited for a CPU (`cpu_wait_seconds`), if the kernel says.
+    #[serde(default)]
+    pub cpu_wait_s: Option<f64>,
 }
 
 /// CPU seconds (user + system) a process has used so far, from `/proc/<pid>/stat`.
@@ -183,9 +186,50 @@ pub fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
     Some(ticks / 100.0)
 }
 
+/// Seconds a process's threads have spent runnable but waiting for a CPU (the kernel's
+/// `run_delay`, `/proc/<pid>/task/*/schedstat`), summed over the threads alive now. On a
+/// machine whose cores the node shares with the generator, this is where a latency tail
+/// comes from: a delivery waits for its thread to get a core. A thread that exits takes its
+/// share with it, so a difference of two readings undercounts by what exited threads waited
+/// (the node's threads live as long as it does). `None` where the kernel does not say (not
+/// Linux, or no schedstat).
+pub fn cpu_wait_seconds(pid: Option<u32>) -> Option<f64> {
+    let dir = match pid {
+        Some(p) => format!("/proc/{p}/task"),
+        None => "/proc/self/task".to_string(),
+    };
+    let mut ns = 0u64;
+    let mut seen = false;
+    for task in std::fs::read_dir(dir).ok()?.flatten() {
+        // A thread may exit between the listing and the read: it is skipped.
+        let Ok(s) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        if let Some(wait) = s
+            .split_whitespace()
+            .nth(1)
+            .and_then(|f| f.parse::<u64>().ok())
+        {
+            ns += wait;
+            seen = true;
+        }
+    }
+    seen.then(|| ns as f64 / 1e9)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_wait_for_a_cpu_is_read_for_this_process_or_a_pid_and_none_for_no_process() {
+        let mine = cpu_wait_seconds(None).expect("linux has schedstat");
+        assert!(mine >= 0.0);
+        let by_pid = cpu_wait_seconds(Some(std::process::id())).expect("by pid as well");
+        assert!(by_pid >= 0.0);
+        assert_eq!(cpu_wait_seconds(Some(u32::MAX)), None, "no such process");
+    }
 
     #[test]
     fn workers_stamp_in_their_own_class_never_later_than_now_and_always_forward() {

@@ -71,6 +71,18 @@ async fn connect_ramps_every_session_into_its_room() {
     assert_eq!(s.changes, 0);
     assert_eq!(s.latency_phase, "ramp");
     assert!(s.rss.is_some());
+    // The node's and the generator's wait for a CPU, from the kernel's schedstat.
+    if cfg!(target_os = "linux") {
+        let (node, generator) = (s.server_cpu_wait_s, s.client_cpu_wait_s);
+        assert!(node.is_some_and(|w| w >= 0.0), "{}", s.table());
+        assert!(generator.is_some_and(|w| w >= 0.0), "{}", s.table());
+        assert!(s.table().contains("waiting for a CPU"));
+        let json: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("out.json")).unwrap())
+                .unwrap();
+        assert!(json["server_cpu_wait_s"].is_number());
+        assert!(json["client_cpu_wait_s"].is_number());
+    }
 }
 
 #[actix_web::test]
