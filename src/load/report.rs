@@ -294,7 +294,11 @@ pub(super) fn summarize(
         frames: sum(|t| t.frames),
         client_cpu_s: finals.iter().map(|t| t.cpu_s).sum(),
         server_cpu_s: None,
-        client_cpu_wait_s: finals.iter().map(|t| t.cpu_wait_s).sum::<Option<f64>>(),
+        // Unknown if any worker could not say (or none reported).
+        client_cpu_wait_s: match finals.is_empty() {
+            true => None,
+            false => finals.iter().map(|t| t.cpu_wait_s).sum::<Option<f64>>(),
+        },
         server_cpu_wait_s: None,
         wall_s: 0.0,
         reconnects: sum(|t| t.reconnects),

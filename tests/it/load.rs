@@ -168,4 +168,9 @@ async fn two_worker_processes_share_the_sessions() {
     assert!(s.deliveries > 0 && s.latency.count > 0, "{stdout}");
     assert!(stdout.contains("sessions connected"));
     assert!(std::fs::read_to_string(&html).unwrap().contains("<svg"));
+    // Each worker process reports its own wait for a CPU, and the run adds them up.
+    if cfg!(target_os = "linux") {
+        assert!(s.client_cpu_wait_s.is_some_and(|w| w >= 0.0), "{stdout}");
+        assert!(stdout.contains("waiting for a CPU"), "{stdout}");
+    }
 }
