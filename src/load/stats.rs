@@ -171,13 +171,17 @@ pub struct Totals {
     pub cpu_wait_s: Option<f64>,
 }
 
+/// `/proc/<pid>`, or this process's (`None`).
+fn proc_dir(pid: Option<u32>) -> String {
+    match pid {
+        Some(p) => format!("/proc/{p}"),
+        None => "/proc/self".to_string(),
+    }
+}
+
 /// CPU seconds (user + system) a process has used so far, from `/proc/<pid>/stat`.
 pub fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
-    let path = match pid {
-        Some(p) => format!("/proc/{p}/stat"),
-        None => "/proc/self/stat".to_string(),
-    };
-    let s = std::fs::read_to_string(path).ok()?;
+    let s = std::fs::read_to_string(format!("{}/stat", proc_dir(pid))).ok()?;
     // Fields after the command (which may hold spaces): state is field 3, utime 14, stime 15.
     let rest = &s[s.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -194,13 +198,12 @@ pub fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
 /// (the node's threads live as long as it does). `None` where the kernel does not say (not
 /// Linux, or no schedstat).
 pub fn cpu_wait_seconds(pid: Option<u32>) -> Option<f64> {
-    let dir = match pid {
-        Some(p) => format!("/proc/{p}/task"),
-        None => "/proc/self/task".to_string(),
-    };
     let mut ns = 0u64;
     let mut seen = false;
-    for task in std::fs::read_dir(dir).ok()?.flatten() {
+    for task in std::fs::read_dir(format!("{}/task", proc_dir(pid)))
+        .ok()?
+        .flatten()
+    {
         // A thread may exit between the listing and the read: it is skipped.
         let Ok(s) = std::fs::read_to_string(task.path().join("schedstat")) else {
             continue;
