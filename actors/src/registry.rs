@@ -220,8 +220,9 @@ impl Registry {
         }
     }
 
-    /// Where HTTP reads a live room's members without asking the room (here-now). Take it
-    /// before starting the registry.
+    /// Where HTTP reads a live room's members without asking the room (here-now), and where
+    /// sessions find a live room to join without asking the registry. Take it before starting
+    /// the registry.
     pub fn directory(&self) -> RoomDirectory {
         self.directory.clone()
     }
@@ -298,12 +299,10 @@ impl Registry {
         recovery: Option<oneshot::Receiver<Vec<crate::messages::RoomMembership>>>,
     ) -> Addr<RoomActor> {
         let members = View::new(Members::new(recovery.is_none()));
-        self.directory
-            .insert(account.clone(), room.clone(), members.clone());
         let (arbiter, scatter) = self.room_arbiter();
         let spec = RoomSpec {
             scatter,
-            members,
+            members: members.clone(),
             account: account.clone(),
             name: room.clone(),
             gen: self.gen(),
@@ -315,6 +314,8 @@ impl Registry {
         };
         let gen = spec.gen;
         let addr = RoomActor::start_in_arbiter(&arbiter, move |_| RoomActor::new(spec));
+        self.directory
+            .insert(account.clone(), room.clone(), members, addr.clone());
         self.rooms.insert(
             (account.clone(), room.clone()),
             Slot {
@@ -793,6 +794,7 @@ impl Handler<Shutdown> for Registry {
 
     fn handle(&mut self, _: Shutdown, _: &mut Context<Self>) -> usize {
         self.shutting_down = true;
+        self.directory.close();
         for s in self.sessions.values() {
             s.to.do_send(ToSession::Close {
                 reason: Reason::ServerShutdown,
@@ -836,6 +838,58 @@ mod tests {
             .await
             .expect("registry answers")
             .expect("room started")
+    }
+
+    /// A session joins a live room through the directory, without the registry; a room that
+    /// stopped, or any room once the node shuts down, is not listed (the registry answers).
+    #[actix_rt::test]
+    async fn the_directory_lists_live_rooms_for_joins_until_they_stop_or_the_node_shuts_down() {
+        let cfg = Arc::new(EngineConfig {
+            room_idle_ms: 50,
+            ..EngineConfig::default()
+        });
+        let metrics = Metrics::new(&prometheus::Registry::new());
+        let registry = Registry::new(cfg, Arc::new(IdGen::new()), metrics);
+        let directory = registry.directory();
+        let registry = registry.start();
+        assert!(
+            directory.live_room("acc", "lobby").is_none(),
+            "not started yet"
+        );
+        let lobby = resolve(&registry, "lobby").await;
+        assert!(directory.live_room("acc", "lobby") == Some(lobby.clone()));
+        assert!(
+            directory.live_room("other", "lobby").is_none(),
+            "rooms are per account"
+        );
+        // Nobody joined: the room stops once idle, and is no longer listed.
+        for _ in 0..500 {
+            if !lobby.connected() {
+                break;
+            }
+            actix_rt::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!lobby.connected(), "the idle room stopped");
+        assert!(directory.live_room("acc", "lobby").is_none());
+        let hall = resolve(&registry, "hall").await;
+        assert!(directory.live_room("acc", "hall") == Some(hall.clone()));
+        registry.send(Shutdown).await.expect("registry answers");
+        assert!(
+            directory.live_room("acc", "hall").is_none(),
+            "joins go to the registry while shutting down"
+        );
+        assert!(
+            directory.get("acc", "hall").is_some(),
+            "here-now still reads it"
+        );
+        let refused = registry
+            .send(ResolveRoom {
+                account: "acc".into(),
+                room: "hall".into(),
+            })
+            .await
+            .expect("registry answers");
+        assert_eq!(refused.err(), Some(Reason::ServerShutdown));
     }
 
     /// A room started after `PlaceRooms` runs on the thread it names: it dies with that thread,

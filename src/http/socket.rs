@@ -24,6 +24,7 @@ use presence_actors::presence::{Arrival, Departure, Key, Meta, SessionId};
 use presence_actors::protocol::{self, InFrame, Reason};
 use presence_actors::registry::{RegisterSession, Registry, ResolveRoom, UnregisterSession};
 use presence_actors::room::RoomActor;
+use presence_actors::view::RoomDirectory;
 use presence_actors::{now_ms, EngineConfig, Metrics};
 
 use crate::auth::{self, KeyNeed, Principal, TokenError};
@@ -153,6 +154,7 @@ pub async fn upgrade(
         device,
         online_at: now_ms(),
         registry: state.registry.clone(),
+        directory: state.rooms.clone(),
         account_addr: None,
         registered: false,
         connection_meta: None,
@@ -326,6 +328,8 @@ pub struct SessionActor {
     device: Option<Arc<str>>,
     online_at: i64,
     registry: Addr<Registry>,
+    /// Live rooms, to join one without asking the registry (see `RoomDirectory`).
+    directory: RoomDirectory,
     account_addr: Option<Addr<AccountActor>>,
     /// The registry accepted this session (it refuses new ones while shutting down).
     registered: bool,
@@ -549,16 +553,25 @@ impl SessionActor {
         };
         let registry = self.registry.clone();
         let account = self.account.clone();
+        // A live room is joined directly; the registry starts one that is not (see
+        // `RoomDirectory`).
+        let mut listed = self.directory.live_room(&account, &name);
         let fut = async move {
-            // A room may stop (idle) or die between resolve and join: resolve again.
+            // A room may stop (idle) or die between resolve and join: resolve again, through
+            // the registry.
             for _ in 0..3 {
-                let addr = match registry
-                    .send(ResolveRoom {
-                        account: account.clone(),
-                        room: name.clone(),
-                    })
-                    .await
-                {
+                let resolved = match listed.take() {
+                    Some(a) => Ok(Ok(a)),
+                    None => {
+                        registry
+                            .send(ResolveRoom {
+                                account: account.clone(),
+                                room: name.clone(),
+                            })
+                            .await
+                    }
+                };
+                let addr = match resolved {
                     Ok(Ok(a)) => a,
                     Ok(Err(r)) => return Err(r),
                     Err(_) => return Err(Reason::Unavailable),

@@ -684,6 +684,11 @@ async fn here_now_shows_each_session_on_its_node_and_forgets_a_room_once_it_stop
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["users"], 0, "{v}");
     assert!(keys_of(&v["presences"]).is_empty(), "{v}");
+
+    // A join of the stopped room (no longer listed for joins) starts a new one.
+    ann.join_ok("room:brief", json!({"status": "back"})).await;
+    let (_, v) = app.get(&path, &app.admin_token).await;
+    assert_eq!(v["presences"]["ann"]["metas"][0]["status"], "back", "{v}");
 }
 
 #[actix_web::test]
