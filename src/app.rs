@@ -450,19 +450,6 @@ pub mod os {
         ))
     }
 
-    /// Puts the calling thread under `SCHED_IDLE` (Linux; elsewhere an error): it runs only on
-    /// CPU time no other thread wants, and any other thread that wakes takes its core at once,
-    /// whatever their policies. For background work whose delay costs nothing but staleness.
-    pub fn schedule_this_thread_as_idle() -> std::io::Result<()> {
-        #[cfg(target_os = "linux")]
-        return set_this_threads_policy(libc::SCHED_IDLE);
-        #[cfg(not(target_os = "linux"))]
-        Err(std::io::Error::new(
-            std::io::ErrorKind::Unsupported,
-            "SCHED_IDLE is Linux only",
-        ))
-    }
-
     /// Puts the calling thread under the default policy (`SCHED_OTHER`), whatever the process
     /// runs under: for the HTTP workers (see `schedule_node`). Elsewhere than Linux, nothing.
     pub fn schedule_this_thread_as_normal() {
@@ -488,8 +475,8 @@ pub mod os {
     /// Applies `server.scheduling` to the calling thread, and so to every thread it starts
     /// afterwards: call it before the runtime starts. The HTTP workers put themselves back
     /// under the default policy when they start (`schedule_this_thread_as_normal`), so under
-    /// `batch` every other thread (socket threads, arbiters, registry, database pool) runs
-    /// under `SCHED_BATCH`, but the snapshot writer, which puts itself under `SCHED_IDLE`. A policy that cannot be applied is logged, and the node
+    /// `batch` every other thread (socket threads, arbiters, registry, snapshots, database
+    /// pool) runs under `SCHED_BATCH`. A policy that cannot be applied is logged, and the node
     /// runs under the one it was started with. `normal` changes nothing: the node keeps the
     /// policy it was started with (the default, unless started under `chrt`).
     pub fn schedule_node(policy: crate::config::Scheduling) {

@@ -125,8 +125,8 @@ impl Default for RedisSettings {
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Scheduling {
-    /// Every thread but the HTTP workers and the snapshot writer (socket threads, arbiters,
-    /// registry, snapshot collection, database pool) under `SCHED_BATCH`: the same share of the CPU, but a thread woken by a
+    /// Every thread but the HTTP workers (socket threads, arbiters, registry, snapshots,
+    /// database pool) under `SCHED_BATCH`: the same share of the CPU, but a thread woken by a
     /// message or a socket does not preempt the one running; it runs when that one blocks or
     /// its slice ends (an idle core still takes it at once). The node's threads hand each
     /// other work all the time (a session's change wakes its room, the room's diff wakes the
@@ -135,9 +135,8 @@ pub enum Scheduling {
     /// SCHED_BATCH"). The HTTP workers keep the default policy, so the API answers at once.
     #[default]
     Batch,
-    /// The policy the node was started with, for every thread but the snapshot writer: the
-    /// kernel's default (`SCHED_OTHER`, a woken thread may preempt at once) unless started
-    /// under `chrt`. The writer runs under `SCHED_IDLE` either way (`persist::writer`).
+    /// The policy the node was started with, for every thread: the kernel's default
+    /// (`SCHED_OTHER`, a woken thread may preempt at once) unless started under `chrt`.
     Normal,
 }
 

@@ -12,9 +12,6 @@
 //!   so users online at the crash stay present for the grace window.
 
 pub mod history;
-
-/// The snapshot writer's thread name.
-pub const WRITER_THREAD: &str = "snapshot-writer";
 pub mod writer;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
@@ -404,13 +401,9 @@ impl Persistence {
         let writer = {
             let (store, wcfg, metrics) =
                 (store.clone(), Arc::new(cfg.writer.clone()), metrics.clone());
-            // Named, so its thread (under `SCHED_IDLE`, see `Writer::started`) can be told
-            // apart in `/proc` and in profiles.
-            SyncArbiter::start_with_thread_builder(
-                1,
-                || std::thread::Builder::new().name(WRITER_THREAD.into()),
-                move || Writer::new(store.clone(), wcfg.clone(), metrics.clone()),
-            )
+            SyncArbiter::start(1, move || {
+                Writer::new(store.clone(), wcfg.clone(), metrics.clone())
+            })
         };
         writer.do_send(writer::Baseline { rows });
         let health = Arc::new(Health::default());

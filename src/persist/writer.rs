@@ -650,19 +650,12 @@ impl Pace {
 impl Actor for Writer {
     type Context = SyncContext<Self>;
 
-    /// Snapshots are background work: on a busy machine they must not take CPU from the
-    /// actors. A 20 000-session tick under churn costs ~0.4 s of CPU, and even at niceness 10
-    /// (the earlier setting) the writer held a core for a scheduler tick at a time: every
-    /// socket thread that woke on that core waited for it (the node runs under `SCHED_BATCH`,
-    /// which does not preempt), and the churn's per-second p99 doubled in every second with a
-    /// snapshot (BENCHMARKS.md). Under `SCHED_IDLE` any thread that wakes takes the writer's
-    /// core at once; the writer still gets all the idle CPU there is. Where that policy is not
-    /// available, niceness 10.
+    /// Snapshots are background work: on a saturated machine they must not take CPU from the
+    /// actors (a 20 000-session tick under churn costs ~0.7 s, which showed as p99 spikes every
+    /// snapshot interval). Niceness 10 gives this thread about a tenth of a busy core's share;
+    /// it still gets all the idle CPU there is.
     fn started(&mut self, _: &mut SyncContext<Self>) {
-        if let Err(e) = crate::app::os::schedule_this_thread_as_idle() {
-            log::debug!("snapshot writer not under SCHED_IDLE ({e}); niceness 10 instead");
-            crate::app::os::lower_this_threads_priority(10);
-        }
+        crate::app::os::lower_this_threads_priority(10);
     }
 }
 
