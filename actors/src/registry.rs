@@ -829,6 +829,27 @@ impl Handler<Stats> for Registry {
 mod tests {
     use super::*;
 
+    /// A registry (not started) whose rooms stop after `room_idle_ms` empty.
+    fn registry(room_idle_ms: u64) -> Registry {
+        let cfg = Arc::new(EngineConfig {
+            room_idle_ms,
+            ..EngineConfig::default()
+        });
+        let metrics = Metrics::new(&prometheus::Registry::new());
+        Registry::new(cfg, Arc::new(IdGen::new()), metrics)
+    }
+
+    /// Waits (a few seconds at most) for a room to stop; whether it did.
+    async fn stops(room: &Addr<RoomActor>) -> bool {
+        for _ in 0..500 {
+            if !room.connected() {
+                return true;
+            }
+            actix_rt::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
     async fn resolve(registry: &Addr<Registry>, room: &str) -> Addr<RoomActor> {
         registry
             .send(ResolveRoom {
@@ -844,12 +865,7 @@ mod tests {
     /// stopped, or any room once the node shuts down, is not listed (the registry answers).
     #[actix_rt::test]
     async fn the_directory_lists_live_rooms_for_joins_until_they_stop_or_the_node_shuts_down() {
-        let cfg = Arc::new(EngineConfig {
-            room_idle_ms: 50,
-            ..EngineConfig::default()
-        });
-        let metrics = Metrics::new(&prometheus::Registry::new());
-        let registry = Registry::new(cfg, Arc::new(IdGen::new()), metrics);
+        let registry = registry(50);
         let directory = registry.directory();
         let registry = registry.start();
         assert!(
@@ -863,13 +879,7 @@ mod tests {
             "rooms are per account"
         );
         // Nobody joined: the room stops once idle, and is no longer listed.
-        for _ in 0..500 {
-            if !lobby.connected() {
-                break;
-            }
-            actix_rt::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(!lobby.connected(), "the idle room stopped");
+        assert!(stops(&lobby).await, "the idle room stopped");
         assert!(directory.live_room("acc", "lobby").is_none());
         let hall = resolve(&registry, "hall").await;
         assert!(directory.live_room("acc", "hall") == Some(hall.clone()));
@@ -896,12 +906,7 @@ mod tests {
     /// while one started before stays on the engine's arbiters.
     #[actix_rt::test]
     async fn rooms_start_where_they_are_placed_and_die_with_that_thread() {
-        let cfg = Arc::new(EngineConfig {
-            room_idle_ms: 60_000,
-            ..EngineConfig::default()
-        });
-        let metrics = Metrics::new(&prometheus::Registry::new());
-        let registry = Registry::new(cfg, Arc::new(IdGen::new()), metrics).start();
+        let registry = registry(60_000).start();
         let before = resolve(&registry, "before").await;
         let thread = Arbiter::new();
         registry
@@ -913,13 +918,7 @@ mod tests {
         let placed = resolve(&registry, "placed").await;
         assert!(placed.connected());
         thread.stop();
-        for _ in 0..500 {
-            if !placed.connected() {
-                break;
-            }
-            actix_rt::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(!placed.connected(), "the room ran on the stopped thread");
+        assert!(stops(&placed).await, "the room ran on the stopped thread");
         assert!(before.connected(), "the earlier room is on an arbiter");
     }
 }
