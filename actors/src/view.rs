@@ -45,7 +45,6 @@ impl<T> Clone for View<T> {
 type AccountRooms = BTreeMap<Arc<str>, Listed>;
 
 /// A live room as the directory lists it: its members' view and its address.
-#[derive(Clone)]
 struct Listed {
     members: View<Members>,
     addr: Addr<RoomActor>,
