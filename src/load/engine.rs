@@ -851,9 +851,7 @@ pub async fn run(
             .map(|(&stamp, &(us, n))| (stamp, us, n))
             .collect(),
         cpu_s: stats::cpu_seconds(None).unwrap_or(0.0) - cpu_at_start,
-        cpu_wait_s: stats::cpu_wait_seconds(None)
-            .zip(wait_at_start)
-            .map(|(now, start)| (now - start).max(0.0)),
+        cpu_wait_s: stats::grown(wait_at_start, stats::cpu_wait_seconds(None)),
     })));
 }
 

@@ -747,9 +747,10 @@ pub async fn run(o: LoadOptions) -> Result<Summary, LoadError> {
     s.server_cpu_s = server_cpu_before
         .zip(o.server_pid.and_then(|p| stats::cpu_seconds(Some(p))))
         .map(|(a, b)| b - a);
-    s.server_cpu_wait_s = server_wait_before
-        .zip(o.server_pid.and_then(|p| stats::cpu_wait_seconds(Some(p))))
-        .map(|(a, b)| (b - a).max(0.0));
+    s.server_cpu_wait_s = stats::grown(
+        server_wait_before,
+        o.server_pid.and_then(|p| stats::cpu_wait_seconds(Some(p))),
+    );
     for f in fatal {
         *s.errors.entry(f).or_default() += 1;
         s.errors_total += 1;
@@ -857,9 +858,7 @@ async fn run_demo(o: LoadOptions) -> Result<Summary, LoadError> {
     );
     s.wall_s = started.elapsed().as_secs_f64();
     s.client_cpu_s = (stats::cpu_seconds(None).unwrap_or(0.0) - cpu_before).max(0.0);
-    s.client_cpu_wait_s = stats::cpu_wait_seconds(None)
-        .zip(wait_before)
-        .map(|(now, before)| (now - before).max(0.0));
+    s.client_cpu_wait_s = stats::grown(wait_before, stats::cpu_wait_seconds(None));
     s.changes = r.events;
     s.changes_per_s = r.events as f64 / o.duration.as_secs_f64();
     s.reconnects = r.reconnects;

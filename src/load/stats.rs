@@ -220,9 +220,23 @@ pub fn cpu_wait_seconds(pid: Option<u32>) -> Option<f64> {
     seen.then(|| ns as f64 / 1e9)
 }
 
+/// How much a counter read twice (`cpu_wait_seconds`) grew in between: unknown if either
+/// reading is, and never below zero (threads that exited took their share with them).
+pub fn grown(before: Option<f64>, now: Option<f64>) -> Option<f64> {
+    before.zip(now).map(|(b, n)| (n - b).max(0.0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_counter_grows_by_the_difference_never_below_zero_and_unknown_if_a_reading_is() {
+        assert_eq!(grown(Some(1.5), Some(4.0)), Some(2.5));
+        assert_eq!(grown(Some(4.0), Some(1.5)), Some(0.0));
+        assert_eq!(grown(None, Some(1.0)), None);
+        assert_eq!(grown(Some(1.0), None), None);
+    }
 
     #[cfg(target_os = "linux")]
     #[test]
