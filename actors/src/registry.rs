@@ -287,8 +287,63 @@ impl Registry {
     fn ensure_account(&mut self, account: &Arc<str>, me: Addr<Registry>) -> Addr<AccountActor> {
         match self.accounts.get(account) {
             Some(s) if s.addr.connected() => s.addr.clone(),
-            _ => self.start_account(account, me, None),
+            // It died and its `ActorDown` is still on its way: whoever finds it restarts it.
+            Some(_) => self.restart_account(account, me),
+            None => self.start_account(account, me, None),
         }
+    }
+
+    /// A new generation of a dead account actor, rebuilt from the live sessions' stakes. Its
+    /// `ActorDown`, whenever it arrives, names the old generation and is ignored.
+    fn restart_account(&mut self, account: &Arc<str>, me: Addr<Registry>) -> Addr<AccountActor> {
+        self.restarts += 1;
+        self.metrics.restarts.with_label_values(&["account"]).inc();
+        log::warn!("account {account} died; restarting it from its live sessions");
+        let (tx, rx) = oneshot::channel();
+        let addr = self.start_account(account, me, Some(rx));
+        self.collect(
+            account,
+            true,
+            ReportMembership::Account {
+                account: account.clone(),
+                addr: addr.clone(),
+            },
+            |r| match r {
+                Report::Account(m) => Some(m),
+                _ => None,
+            },
+            tx,
+        );
+        addr
+    }
+
+    /// A new generation of a dead room actor, rebuilt from the live sessions' stakes (see
+    /// `restart_account`).
+    fn restart_room(
+        &mut self,
+        account: &Arc<str>,
+        room: &Arc<str>,
+        me: Addr<Registry>,
+    ) -> Addr<RoomActor> {
+        self.restarts += 1;
+        self.metrics.restarts.with_label_values(&["room"]).inc();
+        log::warn!("room {account}/{room} died; restarting it from its live sessions");
+        let (tx, rx) = oneshot::channel();
+        let addr = self.start_room(account, room, me, Some(rx));
+        self.collect(
+            account,
+            false,
+            ReportMembership::Room {
+                room: room.clone(),
+                addr: addr.clone(),
+            },
+            |r| match r {
+                Report::Room(m) => Some(m),
+                _ => None,
+            },
+            tx,
+        );
+        addr
     }
 
     fn start_room(
@@ -339,25 +394,22 @@ impl Registry {
             if slot.addr.connected() {
                 return Ok(slot.addr.clone());
             }
+            // It died and its `ActorDown` is still on its way: whoever finds it restarts it.
+            return Ok(self.restart_room(account, room, me));
         }
         let count = self.rooms_per_account.get(account).copied().unwrap_or(0);
-        let replacing = self.rooms.contains_key(&key);
-        if !replacing {
-            // The node's own cap first: past it the plan does not matter.
-            if count >= self.cfg.limits.max_rooms_per_account {
-                return Err(Reason::RoomLimit);
-            }
-            if self
-                .plan_rooms
-                .get(account)
-                .is_some_and(|max| count >= *max)
-            {
-                return Err(Reason::PlanLimit);
-            }
+        // The node's own cap first: past it the plan does not matter.
+        if count >= self.cfg.limits.max_rooms_per_account {
+            return Err(Reason::RoomLimit);
         }
-        if !replacing {
-            *self.rooms_per_account.entry(account.clone()).or_default() += 1;
+        if self
+            .plan_rooms
+            .get(account)
+            .is_some_and(|max| count >= *max)
+        {
+            return Err(Reason::PlanLimit);
         }
+        *self.rooms_per_account.entry(account.clone()).or_default() += 1;
         Ok(self.start_room(account, room, me, None))
     }
 
@@ -563,47 +615,17 @@ impl Handler<ActorDown> for Registry {
         match msg.kind {
             DownKind::Room { account, room } => {
                 let key = (account.clone(), room.clone());
+                // Another generation: this one was already restarted by whoever found it dead.
                 if self.rooms.get(&key).map(|s| s.gen) != Some(msg.gen) {
                     return;
                 }
-                self.restarts += 1;
-                self.metrics.restarts.with_label_values(&["room"]).inc();
-                log::warn!("room {account}/{room} died; restarting it from its live sessions");
-                let (tx, rx) = oneshot::channel();
-                let addr = self.start_room(&account, &room, ctx.address(), Some(rx));
-                self.collect(
-                    &account,
-                    false,
-                    ReportMembership::Room { room, addr },
-                    |r| match r {
-                        Report::Room(m) => Some(m),
-                        _ => None,
-                    },
-                    tx,
-                );
+                self.restart_room(&account, &room, ctx.address());
             }
             DownKind::Account { account } => {
                 if self.accounts.get(&account).map(|s| s.gen) != Some(msg.gen) {
                     return;
                 }
-                self.restarts += 1;
-                self.metrics.restarts.with_label_values(&["account"]).inc();
-                log::warn!("account {account} died; restarting it from its live sessions");
-                let (tx, rx) = oneshot::channel();
-                let addr = self.start_account(&account, ctx.address(), Some(rx));
-                self.collect(
-                    &account,
-                    true,
-                    ReportMembership::Account {
-                        account: account.clone(),
-                        addr,
-                    },
-                    |r| match r {
-                        Report::Account(m) => Some(m),
-                        _ => None,
-                    },
-                    tx,
-                );
+                self.restart_account(&account, ctx.address());
             }
         }
     }
@@ -644,19 +666,23 @@ impl Handler<FromNode> for Registry {
                 }
                 Scope::Room { account, room } => {
                     let key = (account.clone(), room.clone());
-                    let live = self.rooms.get(&key).is_some_and(|s| s.addr.connected());
-                    let puts = batch
-                        .changes
-                        .iter()
-                        .any(|c| matches!(c, Change::Put { .. }));
-                    if !live {
-                        if !puts {
-                            continue;
+                    match self.rooms.get(&key).map(|s| s.addr.connected()) {
+                        Some(true) => {}
+                        // Dead, its `ActorDown` still on its way.
+                        Some(false) => {
+                            self.restart_room(&account, &room, ctx.address());
                         }
-                        if !self.rooms.contains_key(&key) {
+                        None => {
+                            let puts = batch
+                                .changes
+                                .iter()
+                                .any(|c| matches!(c, Change::Put { .. }));
+                            if !puts {
+                                continue;
+                            }
                             *self.rooms_per_account.entry(account.clone()).or_default() += 1;
+                            self.start_room(&account, &room, ctx.address(), None);
                         }
-                        self.start_room(&account, &room, ctx.address(), None);
                     }
                     if let Some(slot) = self.rooms.get_mut(&key) {
                         slot.routed += 1;
@@ -900,6 +926,134 @@ mod tests {
             .await
             .expect("registry answers");
         assert_eq!(refused.err(), Some(Reason::ServerShutdown));
+    }
+
+    /// A session's stand-in: it reports a stake in whichever room it is asked about.
+    struct Stake;
+
+    impl Actor for Stake {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<ToSession> for Stake {
+        type Result = ();
+
+        fn handle(&mut self, _: ToSession, _: &mut Context<Self>) {}
+    }
+
+    impl Handler<ReportMembership> for Stake {
+        type Result = Report;
+
+        fn handle(&mut self, msg: ReportMembership, ctx: &mut Context<Self>) -> Report {
+            match msg {
+                ReportMembership::Room { .. } => Report::Room(crate::messages::RoomMembership {
+                    user: "ann".into(),
+                    meta: crate::presence::Meta {
+                        phx_ref: crate::presence::Ref(1),
+                        phx_ref_prev: None,
+                        session: SessionId(1),
+                        status: "online".into(),
+                        online_at: 0,
+                        device: None,
+                        fields: Arc::default(),
+                    },
+                    to: ctx.address().recipient(),
+                }),
+                ReportMembership::Account { .. } => Report::None,
+            }
+        }
+    }
+
+    /// The address of an actor that is gone.
+    fn dead<A: Actor>() -> Addr<A> {
+        let (tx, rx) = actix::dev::channel::channel(1);
+        drop(rx);
+        Addr::new(tx)
+    }
+
+    /// An actor that died and whose `ActorDown` has not reached the registry yet is restarted
+    /// the supervisor's way by whoever finds it first (here a join): rebuilt from the live
+    /// sessions' stakes, and the late `ActorDown` restarts nothing more.
+    #[actix_rt::test]
+    async fn an_actor_found_dead_before_its_down_notice_is_restarted_with_its_members() {
+        let mut registry = registry(60_000);
+        let directory = registry.directory();
+        let (account, room): (Arc<str>, Arc<str>) = ("acc".into(), "lobby".into());
+        // What a crash leaves until its notice arrives: the slot, with a dead address.
+        let slot = |gen| Slot {
+            addr: dead(),
+            gen,
+            routed: 0,
+        };
+        registry
+            .rooms
+            .insert((account.clone(), room.clone()), slot(7));
+        registry.rooms_per_account.insert(account.clone(), 1);
+        registry.accounts.insert(
+            account.clone(),
+            Slot {
+                addr: dead(),
+                gen: 8,
+                routed: 0,
+            },
+        );
+        let registry = registry.start();
+        let ann = Stake.start();
+        let account_addr = registry
+            .send(RegisterSession {
+                session: SessionId(1),
+                account: account.clone(),
+                connection: true,
+                user: "ann".into(),
+                to: ann.clone().recipient(),
+                report: ann.clone().recipient(),
+            })
+            .await
+            .expect("registry answers")
+            .expect("registered")
+            .expect("a connection's account");
+        assert!(account_addr.connected(), "the dead account was restarted");
+
+        let lobby = resolve(&registry, "lobby").await;
+        assert!(lobby.connected());
+        let members = directory.get("acc", "lobby").expect("listed");
+        for _ in 0..500 {
+            if members.read().is_ready() {
+                break;
+            }
+            actix_rt::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(members.read().is_ready(), "the room was rebuilt");
+        assert_eq!(members.read().counts(), (1, 1), "with ann's stake");
+
+        // The notices arrive late: both name generations that are already replaced.
+        for (kind, gen) in [
+            (
+                DownKind::Room {
+                    account: account.clone(),
+                    room: room.clone(),
+                },
+                7,
+            ),
+            (
+                DownKind::Account {
+                    account: account.clone(),
+                },
+                8,
+            ),
+        ] {
+            registry
+                .send(ActorDown { kind, gen })
+                .await
+                .expect("registry answers");
+        }
+        let stats = registry.send(Stats).await.expect("registry answers");
+        assert_eq!(stats.restarts, 2, "one restart each, not two");
+        assert_eq!(
+            stats.rooms, 1,
+            "the replacement took the slot, not a new room"
+        );
+        assert!(directory.live_room("acc", "lobby") == Some(lobby));
     }
 
     /// A room started after `PlaceRooms` runs on the thread it names: it dies with that thread,
