@@ -21,7 +21,7 @@ use crate::now_ms;
 use crate::presence::{Arrival, Departure, Diff, IdGen, Key, PresenceSet, Ref, SessionId};
 use crate::protocol::{self, Reason};
 use crate::registry::{ActorDown, DownKind, Registry};
-use crate::snapshot::{AccountSnapshot, RestoreGhosts, SnapshotAccount};
+use crate::snapshot::{AccountPart, RestoreGhosts, SnapshotAccount};
 use crate::supervision::DeathNotice;
 use crate::timer::Deadline;
 
@@ -566,12 +566,23 @@ impl Handler<Counts> for AccountActor {
 impl Handler<SnapshotAccount> for AccountActor {
     type Result = MessageResult<SnapshotAccount>;
 
-    fn handle(&mut self, _: SnapshotAccount, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(AccountSnapshot {
+    fn handle(&mut self, msg: SnapshotAccount, _: &mut Context<Self>) -> Self::Result {
+        let first = msg.after.is_none();
+        let (connections, next) = crate::snapshot::held_part(
+            &self.presence,
+            &self.remotes,
+            msg.after.as_deref(),
+            msg.users,
+        );
+        MessageResult(AccountPart {
             account: self.id.clone(),
-            connections: crate::snapshot::held(&self.presence, &self.remotes),
-            departed: self.departed.drain().collect(),
+            connections,
+            departed: match first {
+                true => self.departed.drain().collect(),
+                false => Vec::new(),
+            },
             followers: self.followers.len(),
+            next,
         })
     }
 }

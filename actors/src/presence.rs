@@ -589,6 +589,22 @@ impl PresenceSet {
         self.metas += 1;
     }
 
+    /// The users after `after` (key order), each with its metas and their ghost deadlines,
+    /// for snapshots taken part by part.
+    pub fn after_with_ghosts(
+        &self,
+        after: Option<&str>,
+    ) -> impl Iterator<Item = (&Key, impl Iterator<Item = (&Meta, Option<i64>)>)> {
+        use std::ops::Bound;
+        let lower = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        self.entries
+            .range::<str, _>((lower, Bound::Unbounded))
+            .map(|(k, v)| (k, v.iter().map(|e| (&e.meta, e.ghost_until))))
+    }
+
     /// Every meta with its ghost deadline (`None` for a live session), for snapshots.
     pub fn entries(&self) -> impl Iterator<Item = (&Key, &Meta, Option<i64>)> {
         self.entries
