@@ -579,35 +579,40 @@ fn close_intervals(
 }
 
 /// Closes the open intervals of these (session, room) pairs that began at or before `left_at`
-/// (so that a leave and a re-join in one batch close the old interval and keep the new one),
-/// in one statement per chunk instead of one per pair (a tick under churn closes thousands).
+/// (so that a leave and a re-join in one batch close the old interval and keep the new one).
 ///
-/// PostgreSQL joins the pairs as two `unnest`ed arrays. SQLite lists the session ids twice:
-/// once in an `IN` list, which lets the partial index on open intervals find the sessions
-/// (with the row values alone it walks every open interval of the node), once in row values
-/// that pick their rooms.
+/// SQLite: one statement per chunk instead of one per pair (a tick under churn closes
+/// thousands; one by one they were a sixth of the writer's CPU). The session ids are listed
+/// twice: once in an `IN` list, which lets the partial index on open intervals find the
+/// sessions (with the row values alone SQLite walks every open interval of the node), once in
+/// row values that pick their rooms.
+///
+/// PostgreSQL: one `UPDATE` per pair, each an equality lookup that is planned on the partial
+/// index whatever the table's statistics say. A join of the pairs (`unnest`, or `= ANY` with
+/// row values) was planned as a scan of every open interval per pair until the table had been
+/// analysed: 49 s for 3 600 pairs over 40 000 open intervals, against 67 ms once analysed.
 fn close_rooms(
     conn: &mut DbConn,
     node_id: &str,
     left_at: i64,
     pairs: &[(&str, &str)],
 ) -> Result<(), StoreError> {
-    use diesel::sql_types::{Array, BigInt, Text};
+    use diesel::sql_types::{BigInt, Text};
+    use presence_intervals::dsl as i;
     // SQLite: three fixed parameters, then three per pair.
     let per_statement = (max_binds(conn) - 3) / 3;
     match conn {
         DbConn::Pg(c) => {
-            for chunk in pairs.chunks(PG_UNNEST_ROWS) {
-                diesel::sql_query(
-                    "UPDATE presence_intervals p SET left_at = $1 \
-                     FROM unnest($3::text[], $4::text[]) AS v(session_id, room) \
-                     WHERE p.node_id = $2 AND p.left_at IS NULL AND p.joined_at <= $1 \
-                     AND p.session_id = v.session_id AND p.room = v.room",
+            for (session_id, room) in pairs {
+                diesel::update(
+                    presence_intervals::table
+                        .filter(i::node_id.eq(node_id))
+                        .filter(i::left_at.is_null())
+                        .filter(i::session_id.eq(session_id))
+                        .filter(i::room.eq(room))
+                        .filter(i::joined_at.le(left_at)),
                 )
-                .bind::<BigInt, _>(left_at)
-                .bind::<Text, _>(node_id)
-                .bind::<Array<Text>, _>(chunk.iter().map(|(s, _)| *s).collect::<Vec<_>>())
-                .bind::<Array<Text>, _>(chunk.iter().map(|(_, r)| *r).collect::<Vec<_>>())
+                .set(i::left_at.eq(Some(left_at)))
                 .execute(c)?;
             }
         }
