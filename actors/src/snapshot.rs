@@ -40,7 +40,7 @@ pub struct RoomSnapshot {
     pub members: Vec<Held>,
 }
 
-/// What a room or an account holds of its own presence for the users after `after` (key
+/// What an account holds of this node's own presence for its users after `after` (key
 /// order), at most `users` of them, and the last user taken if any are left after it.
 pub(crate) fn held_part(
     presence: &PresenceSet,

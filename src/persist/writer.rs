@@ -407,12 +407,10 @@ impl Writer {
         let started = Instant::now();
         // The work before the first slice (every session's view and fingerprint) is paced too,
         // in steps: in one go it held a core for tens of milliseconds at every tick.
-        let mut step = Instant::now();
-        let breathe = |step: &mut Instant| {
-            if let Some(pace) = pace {
-                pace.rest(step.elapsed());
-                *step = Instant::now();
-            }
+        let mut steps = Steps {
+            pace,
+            since: started,
+            rested: Duration::ZERO,
         };
         let now = snap.taken_at;
         let samples = self.take_samples(&snap);
@@ -456,13 +454,13 @@ impl Writer {
             .map(|((a, u), t)| (a.to_string(), u.to_string(), t))
             .collect();
 
-        breathe(&mut step);
+        steps.breathe();
         let views = views(&snap);
-        breathe(&mut step);
+        steps.breathe();
         let mut dirty: Vec<(u64, u64)> = Vec::new();
         for (i, (session, view)) in views.iter().enumerate() {
             if i > 0 && i % FINGERPRINTS_PER_STEP == 0 {
-                breathe(&mut step);
+                steps.breathe();
             }
             let fp = view.fingerprint();
             if self
@@ -483,10 +481,10 @@ impl Writer {
         // dirtied by several slices is written (and checkpointed) once per slice.
         dirty.sort_by_cached_key(|(s, _)| SessionId(*s).to_string());
         gone.sort_by_cached_key(|s| SessionId(*s).to_string());
-        breathe(&mut step);
+        steps.breathe();
         let mut report = TickReport {
             sessions: views.len(),
-            build_ms: started.elapsed().as_secs_f64() * 1000.0,
+            build_ms: (started.elapsed() - steps.rested).as_secs_f64() * 1000.0,
             ..TickReport::default()
         };
 
@@ -620,6 +618,26 @@ impl Writer {
             out.removals.push(sid);
         }
         out
+    }
+}
+
+/// The steps of a tick's work before its first slice, with a rest after each when paced.
+struct Steps<'a> {
+    pace: Option<&'a Pace>,
+    /// When the current step began.
+    since: Instant,
+    /// Time spent resting so far (not work: left out of `TickReport::build_ms`).
+    rested: Duration,
+}
+
+impl Steps<'_> {
+    fn breathe(&mut self) {
+        if let Some(pace) = self.pace {
+            let resting = Instant::now();
+            pace.rest(resting - self.since);
+            self.since = Instant::now();
+            self.rested += self.since - resting;
+        }
     }
 }
 
