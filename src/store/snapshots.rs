@@ -537,7 +537,6 @@ fn close_intervals(
     node_id: &str,
     closed: &[IntervalClose],
 ) -> Result<(), StoreError> {
-    use presence_intervals::dsl as i;
     let mut sessions_by_time: BTreeMap<i64, Vec<&str>> = BTreeMap::new();
     let mut rooms_by_time: BTreeMap<i64, Vec<(&str, &str)>> = BTreeMap::new();
     for close in closed {
@@ -559,27 +558,8 @@ fn close_intervals(
                 .push((session_id, room)),
         }
     }
-    let per_statement = max_binds(conn) - 2;
     for (left_at, session_ids) in &sessions_by_time {
-        match conn {
-            DbConn::Pg(c) => {
-                for chunk in session_ids.chunks(PG_UNNEST_ROWS) {
-                    close_sessions_pg(c, node_id, *left_at, chunk)?;
-                }
-            }
-            DbConn::Sqlite(_) => {
-                for chunk in session_ids.chunks(per_statement) {
-                    diesel::update(
-                        presence_intervals::table
-                            .filter(i::node_id.eq(node_id))
-                            .filter(i::left_at.is_null())
-                            .filter(i::session_id.eq_any(chunk)),
-                    )
-                    .set(i::left_at.eq(Some(*left_at)))
-                    .execute(conn)?;
-                }
-            }
-        }
+        close_sessions(conn, node_id, *left_at, session_ids)?;
     }
     for (left_at, pairs) in &rooms_by_time {
         close_rooms(conn, node_id, *left_at, pairs)?;
@@ -587,7 +567,10 @@ fn close_intervals(
     Ok(())
 }
 
-/// PostgreSQL's closes look each session (or pair) up on the partial index of open intervals,
+/// Closes every open interval of these sessions (they ended). SQLite: `IN` lists, chunked
+/// under its bind limit, served by the partial index on open intervals.
+///
+/// PostgreSQL looks each session (here and in `close_rooms`, each pair) up on that index,
 /// one `LATERAL` lookup per array element behind an `OFFSET 0` fence. A plain join of the
 /// arrays (`unnest`, `= ANY`) is planned from the table's statistics, and before autovacuum
 /// has analysed a fast-growing table the planner scans every open interval of the node per
@@ -595,23 +578,44 @@ fn close_intervals(
 /// intervals (`EXPLAIN ANALYZE`, generic plan). With the fence the lookups are planned on the
 /// index whatever the statistics: 50–65 ms for either, analysed or not. Without the fence the
 /// planner flattens the `LATERAL` back into a join (45 s for the room closes).
-fn close_sessions_pg(
-    conn: &mut PgConnection,
+fn close_sessions(
+    conn: &mut DbConn,
     node_id: &str,
     left_at: i64,
     session_ids: &[&str],
-) -> QueryResult<usize> {
+) -> Result<(), StoreError> {
     use diesel::sql_types::{Array, BigInt, Text};
-    diesel::sql_query(
-        "UPDATE presence_intervals p SET left_at = $1 WHERE p.id IN (SELECT o.id \
-         FROM unnest($3::text[]) AS s(session_id) CROSS JOIN LATERAL (SELECT id \
-         FROM presence_intervals WHERE node_id = $2 AND left_at IS NULL \
-         AND session_id = s.session_id OFFSET 0) o)",
-    )
-    .bind::<BigInt, _>(left_at)
-    .bind::<Text, _>(node_id)
-    .bind::<Array<Text>, _>(session_ids)
-    .execute(conn)
+    use presence_intervals::dsl as i;
+    let per_statement = max_binds(conn) - 2;
+    match conn {
+        DbConn::Pg(c) => {
+            for chunk in session_ids.chunks(PG_UNNEST_ROWS) {
+                diesel::sql_query(
+                    "UPDATE presence_intervals p SET left_at = $1 WHERE p.id IN (SELECT o.id \
+                     FROM unnest($3::text[]) AS s(session_id) CROSS JOIN LATERAL (SELECT id \
+                     FROM presence_intervals WHERE node_id = $2 AND left_at IS NULL \
+                     AND session_id = s.session_id OFFSET 0) o)",
+                )
+                .bind::<BigInt, _>(left_at)
+                .bind::<Text, _>(node_id)
+                .bind::<Array<Text>, _>(chunk)
+                .execute(c)?;
+            }
+        }
+        DbConn::Sqlite(c) => {
+            for chunk in session_ids.chunks(per_statement) {
+                diesel::update(
+                    presence_intervals::table
+                        .filter(i::node_id.eq(node_id))
+                        .filter(i::left_at.is_null())
+                        .filter(i::session_id.eq_any(chunk)),
+                )
+                .set(i::left_at.eq(Some(left_at)))
+                .execute(c)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Closes the open intervals of these (session, room) pairs that began at or before `left_at`
@@ -622,7 +626,7 @@ fn close_sessions_pg(
 /// SQLite lists the session ids twice: once in an `IN` list, which lets the partial index on
 /// open intervals find the sessions (with the row values alone SQLite walks every open
 /// interval of the node), once in row values that pick their rooms. PostgreSQL: see
-/// `close_sessions_pg`.
+/// `close_sessions`.
 fn close_rooms(
     conn: &mut DbConn,
     node_id: &str,
