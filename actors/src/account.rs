@@ -21,7 +21,7 @@ use crate::now_ms;
 use crate::presence::{Arrival, Departure, Diff, IdGen, Key, PresenceSet, Ref, SessionId};
 use crate::protocol::{self, Reason};
 use crate::registry::{ActorDown, DownKind, Registry};
-use crate::snapshot::{AccountPart, RestoreGhosts, SnapshotAccount};
+use crate::snapshot::{AccountPart, AccountSnapshot, RestoreGhosts, SnapshotAccount};
 use crate::supervision::DeathNotice;
 use crate::timer::Deadline;
 
@@ -575,13 +575,15 @@ impl Handler<SnapshotAccount> for AccountActor {
             msg.users,
         );
         MessageResult(AccountPart {
-            account: self.id.clone(),
-            connections,
-            departed: match first {
-                true => self.departed.drain().collect(),
-                false => Vec::new(),
+            part: AccountSnapshot {
+                account: self.id.clone(),
+                connections,
+                departed: match first {
+                    true => self.departed.drain().collect(),
+                    false => Vec::new(),
+                },
+                followers: self.followers.len(),
             },
-            followers: self.followers.len(),
             next,
         })
     }

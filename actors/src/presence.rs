@@ -595,14 +595,21 @@ impl PresenceSet {
         &self,
         after: Option<&str>,
     ) -> impl Iterator<Item = (&Key, impl Iterator<Item = (&Meta, Option<i64>)>)> {
+        self.range_after(after)
+            .map(|(k, v)| (k, v.iter().map(|e| (&e.meta, e.ghost_until))))
+    }
+
+    /// The entries strictly after `after` (all of them for `None`), in key order.
+    fn range_after(
+        &self,
+        after: Option<&str>,
+    ) -> std::collections::btree_map::Range<'_, Key, Vec<Entry>> {
         use std::ops::Bound;
         let lower = match after {
             Some(a) => Bound::Excluded(a),
             None => Bound::Unbounded,
         };
-        self.entries
-            .range::<str, _>((lower, Bound::Unbounded))
-            .map(|(k, v)| (k, v.iter().map(|e| (&e.meta, e.ghost_until))))
+        self.entries.range::<str, _>((lower, Bound::Unbounded))
     }
 
     /// Every meta with its ghost deadline (`None` for a live session), for snapshots.
@@ -792,13 +799,7 @@ impl PresenceSet {
         &self,
         after: Option<&str>,
     ) -> impl Iterator<Item = (&Key, impl ExactSizeIterator<Item = &Meta> + Clone)> {
-        use std::ops::Bound;
-        let lower = match after {
-            Some(a) => Bound::Excluded(a),
-            None => Bound::Unbounded,
-        };
-        self.entries
-            .range::<str, _>((lower, Bound::Unbounded))
+        self.range_after(after)
             .map(|(k, v)| (k, v.iter().map(|e| &e.meta)))
     }
 

@@ -852,7 +852,7 @@ impl Handler<Stats> for Registry {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A registry (not started) whose rooms stop after `room_idle_ms` empty.
@@ -928,8 +928,9 @@ mod tests {
         assert_eq!(refused.err(), Some(Reason::ServerShutdown));
     }
 
-    /// A session's stand-in: it reports a stake in whichever room it is asked about.
-    struct Stake;
+    /// A session's stand-in: it takes frames and drops them, and reports a stake in whichever
+    /// room it is asked about.
+    pub(crate) struct Stake;
 
     impl Actor for Stake {
         type Context = Context<Self>;

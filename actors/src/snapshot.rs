@@ -77,14 +77,11 @@ pub struct SnapshotAccount {
 /// Users per part of an account's snapshot: about half a millisecond of the account's thread.
 pub const ACCOUNT_PART_USERS: usize = 1_000;
 
+/// One part of an account's snapshot: its users' connections (`departed` only in the first
+/// part), and where the next part starts (`None` once this was the last).
 #[derive(Debug, Clone)]
 pub struct AccountPart {
-    pub account: Arc<str>,
-    pub connections: Vec<Held>,
-    /// Only in the first part (see `AccountSnapshot::departed`).
-    pub departed: Vec<(Key, i64)>,
-    pub followers: usize,
-    /// Where the next part starts; `None` once this was the last.
+    pub part: AccountSnapshot,
     pub next: Option<Key>,
 }
 
@@ -196,15 +193,8 @@ async fn account_snapshot(
             .ok()?
             .ok()?;
         match whole.as_mut() {
-            None => {
-                whole = Some(AccountSnapshot {
-                    account: part.account,
-                    connections: part.connections,
-                    departed: part.departed,
-                    followers: part.followers,
-                })
-            }
-            Some(w) => w.connections.extend(part.connections),
+            None => whole = Some(part.part),
+            Some(w) => w.connections.extend(part.part.connections),
         }
         match part.next {
             Some(next) => after = Some(next),
@@ -279,22 +269,11 @@ mod tests {
     use super::*;
     use crate::account::Connect;
     use crate::config::EngineConfig;
-    use crate::messages::{Leave, ToSession};
+    use crate::messages::Leave;
     use crate::metrics::Metrics;
     use crate::presence::{Arrival, Departure, IdGen, SessionId};
+    use crate::registry::tests::Stake;
     use crate::registry::ResolveAccount;
-
-    struct Sink;
-
-    impl Actor for Sink {
-        type Context = Context<Self>;
-    }
-
-    impl Handler<ToSession> for Sink {
-        type Result = ();
-
-        fn handle(&mut self, _: ToSession, _: &mut Context<Self>) {}
-    }
 
     /// An account larger than one part is read part by part: every connection exactly once,
     /// a user's sessions together, and who went away only once.
@@ -310,7 +289,7 @@ mod tests {
             .await
             .expect("registry answers")
             .expect("account started");
-        let sink = Sink.start().recipient();
+        let sink = Stake.start().recipient();
         let users = ACCOUNT_PART_USERS * 2 + 500;
         // User 0 has a second device: `users + 1` connections.
         for (i, session) in (0..users).chain([0]).zip(1..) {
