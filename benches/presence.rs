@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
-use presence_actors::presence::{Arrival, Departure, Diff, Key, PresenceSet, Ref, SessionId};
+use presence_actors::presence::{
+    Arrival, Departure, Diff, Key, PresenceSet, Ref, SessionId, StateLen,
+};
 use presence_actors::protocol;
 use serde_json::{Map, Value};
 
@@ -253,8 +255,10 @@ fn bench_state(c: &mut Criterion) {
         // What rooms send: the same bytes, written by hand into a buffer sized up front.
         // Each meta's JSON is kept once written, so a room writes a meta once, then copies it
         // into every later joiner's frame: this is the usual frame...
+        // A room keeps the last frame's length to size the next (`StateLen`).
+        let len = StateLen::default();
         g.bench_function(BenchmarkId::new("frame", n), |b| {
-            b.iter(|| black_box(set.state_frame("room:bench")))
+            b.iter(|| black_box(set.state_frame("room:bench", &len)))
         });
         // ...and this the first one, every meta written (a fresh room each time).
         if n <= 1_000 {
@@ -263,7 +267,7 @@ fn bench_state(c: &mut Criterion) {
                     || room_of(n),
                     // The set is returned so that dropping it is not timed.
                     |set| {
-                        let frame = black_box(set.state_frame("room:bench"));
+                        let frame = black_box(set.state_frame("room:bench", &StateLen::default()));
                         (set, frame)
                     },
                     BatchSize::LargeInput,

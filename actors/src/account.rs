@@ -18,7 +18,9 @@ use crate::fanout::{Fanout, Subscriber};
 use crate::messages::{AccountMembership, Crash, Leave, SessionAddr, ToSession};
 use crate::metrics::Metrics;
 use crate::now_ms;
-use crate::presence::{Arrival, Departure, Diff, IdGen, Key, PresenceSet, Ref, SessionId};
+use crate::presence::{
+    Arrival, Departure, Diff, IdGen, Key, PresenceSet, Ref, SessionId, StateLen,
+};
 use crate::protocol::{self, Reason};
 use crate::registry::{ActorDown, DownKind, Registry};
 use crate::snapshot::{AccountPart, AccountSnapshot, RestoreGhosts, SnapshotAccount};
@@ -113,6 +115,8 @@ pub struct AccountActor {
     id: Arc<str>,
     topic: Arc<str>,
     presence: PresenceSet,
+    /// Sizes the next `presence_state` (`StateLen`).
+    state_len: StateLen,
     rooms_of: HashMap<SessionId, Vec<Arc<str>>>,
     /// Connections still open, so a session that reports again after a restart is not doubled.
     live: HashMap<SessionId, (Key, SessionAddr)>,
@@ -159,6 +163,7 @@ impl AccountActor {
             topic: format!("account:{}", spec.id).into(),
             id: spec.id,
             presence: PresenceSet::new(),
+            state_len: StateLen::default(),
             rooms_of: HashMap::new(),
             live: HashMap::new(),
             followers: Fanout::default(),
@@ -258,7 +263,7 @@ impl AccountActor {
     }
 
     fn state_frame(&self) -> ByteString {
-        self.presence.state_frame(&self.topic)
+        self.presence.state_frame(&self.topic, &self.state_len)
     }
 
     fn schedule_expiry(&mut self, ctx: &mut Context<Self>, until: i64) {

@@ -25,7 +25,7 @@ use crate::messages::{Broadcast, Crash, HereNow, Join, Joined, Leave, RoomMember
 use crate::metrics::Metrics;
 use crate::now_ms;
 use crate::pace::Pacer;
-use crate::presence::{Departure, Diff, IdGen, Meta, MetaOnNode, PresenceSet, Ref};
+use crate::presence::{Departure, Diff, IdGen, Meta, MetaOnNode, PresenceSet, Ref, StateLen};
 use crate::protocol::{self, Reason};
 use crate::registry::{ActorDown, DownKind, Registry, RoomIdle};
 use crate::snapshot::{Held, RestoreGhosts, RoomSnapshot, SnapshotRoom};
@@ -41,6 +41,8 @@ pub struct RoomActor {
     /// Presence and the remote owners of entries; this actor alone writes it, here-now reads it
     /// in place.
     members: View<Members>,
+    /// Sizes the next `presence_state` (`StateLen`).
+    state_len: StateLen,
     subs: Fanout,
     ids: Arc<IdGen>,
     cfg: Arc<EngineConfig>,
@@ -259,6 +261,7 @@ impl RoomActor {
             name: spec.name,
             topic,
             members: spec.members,
+            state_len: StateLen::default(),
             subs: Fanout::default(),
             ids: spec.ids,
             cfg: spec.cfg,
@@ -464,7 +467,10 @@ impl RoomActor {
 
     /// `presence_state` as a ready frame (refs null: the same bytes suit any member).
     fn state_frame(&self) -> ByteString {
-        self.members.read().presence.state_frame(&self.topic)
+        self.members
+            .read()
+            .presence
+            .state_frame(&self.topic, &self.state_len)
     }
 
     fn schedule_expiry(&mut self, ctx: &mut Context<Self>, until: i64) {
@@ -1044,7 +1050,10 @@ mod tests {
     }
 
     fn room_state(members: &View<Members>) -> crate::client_presence::ClientState {
-        let frame = members.read().presence.state_frame("room:lobby");
+        let frame = members
+            .read()
+            .presence
+            .state_frame("room:lobby", &Default::default());
         let v: serde_json::Value = serde_json::from_str(&frame).unwrap();
         without_prev(v[4].as_object().unwrap().clone())
     }
@@ -1169,7 +1178,10 @@ mod tests {
         settle().await;
         // Where `old` stands before the burst: it has seen a's join.
         old_frames.borrow_mut().clear();
-        let old_state = members.read().presence.state_frame("room:lobby");
+        let old_state = members
+            .read()
+            .presence
+            .state_frame("room:lobby", &Default::default());
 
         let n = 2 * MAX_BATCH + 1;
         let updates: Vec<_> = (0..n)

@@ -24,9 +24,13 @@ fn json<T: Serialize>(t: &T) -> Value {
 
 /// The hand-written `presence_state` frame is, byte for byte, what serde writes.
 fn assert_state_written_as_serialised(set: &PresenceSet) {
-    let frame = set.state_frame("room:t");
+    let len = StateLen::default();
+    let frame = set.state_frame("room:t", &len);
     let serialised = crate::protocol::broadcast("room:t", "presence_state", &set.state());
     assert_eq!(&*frame, &*serialised);
+    // The next frame is reserved from this one's length; the bytes do not depend on it.
+    assert_eq!(len.0.get(), frame.len());
+    assert_eq!(&*set.state_frame("room:t", &len), &*serialised);
     let v: Value = serde_json::from_str(&frame).expect("the frame is JSON");
     assert_eq!(v[4], json(&set.state()));
 }
@@ -526,5 +530,28 @@ fn a_ref_serialises_as_its_display_form() {
     ] {
         let json = serde_json::to_string(&Ref(v)).unwrap();
         assert_eq!(json, format!("\"{}\"", Ref(v)), "{v:#x}");
+    }
+}
+
+#[test]
+fn a_state_frame_reserved_from_a_larger_or_smaller_last_one_is_the_same() {
+    let mut set = PresenceSet::new();
+    for i in 0..200 {
+        let device = (i % 3 == 0).then_some("phone");
+        set.join(
+            &key(&format!("user-{i}")),
+            arrival(i, "online", device),
+            Ref(i),
+        );
+    }
+    let serialised = crate::protocol::broadcast("room:t", "presence_state", &set.state());
+    for last in [0, 1, 17, serialised.len() - 1, serialised.len() * 10] {
+        let len = StateLen(std::cell::Cell::new(last));
+        assert_eq!(
+            &*set.state_frame("room:t", &len),
+            &*serialised,
+            "last {last}"
+        );
+        assert_eq!(len.0.get(), serialised.len());
     }
 }
