@@ -63,6 +63,7 @@ fn snapshot(n: u64, changed: u64, status: &str, at: i64) -> EngineSnapshot {
             followers: 0,
         }],
         rooms,
+        ..EngineSnapshot::default()
     }
 }
 
@@ -154,6 +155,7 @@ impl Churn {
                         .collect(),
                 })
                 .collect(),
+            ..EngineSnapshot::default()
         }
     }
 }

@@ -700,7 +700,8 @@ impl Handler<FromNode> for Registry {
 pub struct SnapshotTargets;
 
 pub struct Targets {
-    pub accounts: Vec<Addr<AccountActor>>,
+    /// Each account's id and actor.
+    pub accounts: Vec<(Arc<str>, Addr<AccountActor>)>,
     pub rooms: Vec<RoomTarget>,
 }
 
@@ -717,7 +718,11 @@ impl Handler<SnapshotTargets> for Registry {
 
     fn handle(&mut self, _: SnapshotTargets, _: &mut Context<Self>) -> Self::Result {
         MessageResult(Targets {
-            accounts: self.accounts.values().map(|s| s.addr.clone()).collect(),
+            accounts: self
+                .accounts
+                .iter()
+                .map(|(id, s)| (id.clone(), s.addr.clone()))
+                .collect(),
             rooms: self
                 .rooms
                 .iter()
@@ -970,6 +975,51 @@ pub(crate) mod tests {
         let (tx, rx) = actix::dev::channel::channel(1);
         drop(rx);
         Addr::new(tx)
+    }
+
+    /// A snapshot names the actors that did not answer it, so that a writer does not take
+    /// their sessions for gone: here an account and a room (one being rebuilt, so asked) whose
+    /// actors are dead, beside a live account that answers.
+    #[actix_rt::test]
+    async fn a_snapshot_names_the_actors_it_missed() {
+        let mut registry = registry(60_000);
+        let (account, room): (Arc<str>, Arc<str>) = ("acc".into(), "lobby".into());
+        fn dead_slot<A: Actor>() -> Slot<A> {
+            Slot {
+                addr: dead(),
+                gen: 1,
+                routed: 0,
+            }
+        }
+        registry
+            .rooms
+            .insert((account.clone(), room.clone()), dead_slot());
+        registry.rooms_per_account.insert(account.clone(), 1);
+        registry.accounts.insert(account.clone(), dead_slot());
+        let registry = registry.start();
+        let bob = Stake.start();
+        registry
+            .send(RegisterSession {
+                session: SessionId(2),
+                account: "other".into(),
+                connection: true,
+                user: "bob".into(),
+                to: bob.clone().recipient(),
+                report: bob.clone().recipient(),
+            })
+            .await
+            .expect("registry answers")
+            .expect("registered");
+
+        let snap = crate::snapshot::collect(&registry, Duration::from_millis(500))
+            .await
+            .expect("registry answers");
+        let missed: Vec<&str> = snap.missed_accounts.iter().map(|m| &*m.account).collect();
+        assert_eq!(missed, ["acc"]);
+        assert_eq!(snap.missed_rooms, [(account, room)]);
+        assert_eq!(snap.missed(), 2);
+        let answered: Vec<&str> = snap.accounts.iter().map(|a| &*a.account).collect();
+        assert_eq!(answered, ["other"]);
     }
 
     /// An actor that died and whose `ActorDown` has not reached the registry yet is restarted

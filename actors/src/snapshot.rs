@@ -98,17 +98,39 @@ pub struct AccountSnapshot {
 
 /// The whole node's presence at one instant (each actor's part is exact; the parts are taken
 /// within a few milliseconds of each other).
+///
+/// An actor that did not answer in time (restarting, or stuck) is named in `missed_accounts`
+/// or `missed_rooms`: its presence is unknown in this snapshot, not empty. A writer keeps
+/// what it last wrote of its sessions until a snapshot reads the actor again, instead of
+/// taking them for gone (closing their intervals, then opening new ones a tick later).
 #[derive(Debug, Clone, Default)]
 pub struct EngineSnapshot {
     pub taken_at: i64,
     pub accounts: Vec<AccountSnapshot>,
     pub rooms: Vec<RoomSnapshot>,
+    pub missed_accounts: Vec<MissedAccount>,
+    /// `(account, room)`.
+    pub missed_rooms: Vec<(Arc<str>, Arc<str>)>,
+}
+
+/// An account that did not answer all of its snapshot in time.
+#[derive(Debug, Clone)]
+pub struct MissedAccount {
+    pub account: Arc<str>,
+    /// The departures its first part drained, if that part came: they are the caller's to
+    /// keep (`AccountSnapshot::departed`), whether or not the rest came.
+    pub departed: Vec<(Key, i64)>,
 }
 
 impl EngineSnapshot {
     /// Number of account connections (sessions of end users) in the snapshot, ghosts included.
     pub fn sessions(&self) -> usize {
         self.accounts.iter().map(|a| a.connections.len()).sum()
+    }
+
+    /// Actors left out of this snapshot.
+    pub fn missed(&self) -> usize {
+        self.missed_accounts.len() + self.missed_rooms.len()
     }
 }
 
@@ -117,18 +139,18 @@ impl EngineSnapshot {
 /// the changes queued behind them waits for it (1 000 rooms asked at once had every change of
 /// that moment wait behind the asks: BENCHMARKS.md). Accounts, and rooms being rebuilt, are
 /// asked, each with `timeout`; one that does not answer in time (restarting, or stuck) is left
-/// out of this snapshot and counted in the second value.
+/// out of this snapshot and named in its `missed_accounts` or `missed_rooms`.
 pub async fn collect(
     registry: &Addr<Registry>,
     timeout: Duration,
-) -> Result<(EngineSnapshot, usize), MailboxError> {
+) -> Result<EngineSnapshot, MailboxError> {
     let targets = registry.send(SnapshotTargets).await?;
     let taken_at = crate::now_ms();
     let accounts = join_all(
         targets
             .accounts
             .iter()
-            .map(|a| account_snapshot(a, timeout)),
+            .map(|(id, a)| account_snapshot(id, a, timeout)),
     );
     let mut snap = EngineSnapshot {
         taken_at,
@@ -147,60 +169,65 @@ pub async fn collect(
                 room: t.room,
                 members,
             }),
-            None => ask.push(t.addr),
+            None => ask.push((t.account, t.room, t.addr)),
         }
     }
     let asked = join_all(
         ask.iter()
-            .map(|r| tokio::time::timeout(timeout, r.send(SnapshotRoom))),
+            .map(|(_, _, r)| tokio::time::timeout(timeout, r.send(SnapshotRoom))),
     );
     let (accounts, asked) = futures_util::future::join(accounts, asked).await;
-    let mut missed = 0;
     for a in accounts {
         match a {
-            Some(a) => snap.accounts.push(a),
-            None => missed += 1,
+            Ok(a) => snap.accounts.push(a),
+            Err(missed) => snap.missed_accounts.push(missed),
         }
     }
-    for r in asked {
+    for (r, (account, room, _)) in asked.into_iter().zip(ask) {
         match r {
             Ok(Ok(r)) => snap.rooms.push(r),
-            _ => missed += 1,
+            _ => snap.missed_rooms.push((account, room)),
         }
     }
-    Ok((snap, missed))
+    Ok(snap)
 }
 
 /// Rooms read in place between two yields of the collecting thread (the registry's).
 const ROOMS_PER_YIELD: usize = 100;
 
 /// An account's snapshot, asked for part by part (`SnapshotAccount`), each part within
-/// `timeout`; `None` if any part did not come (the account restarting, or stuck). Each user is
-/// taken exactly as it was when its part was read.
+/// `timeout`; missed if any part did not come (the account restarting, or stuck), with the
+/// departures the first part drained. Each user is taken exactly as it was when its part was
+/// read.
 async fn account_snapshot(
+    id: &Arc<str>,
     account: &Addr<crate::account::AccountActor>,
     timeout: Duration,
-) -> Option<AccountSnapshot> {
-    let mut after = None;
-    let mut whole: Option<AccountSnapshot> = None;
-    loop {
+) -> Result<AccountSnapshot, MissedAccount> {
+    let part = |after| async move {
         let ask = SnapshotAccount {
-            after: after.take(),
+            after,
             users: ACCOUNT_PART_USERS,
         };
-        let part = tokio::time::timeout(timeout, account.send(ask))
-            .await
-            .ok()?
-            .ok()?;
-        match whole.as_mut() {
-            None => whole = Some(part.part),
-            Some(w) => w.connections.extend(part.part.connections),
+        match tokio::time::timeout(timeout, account.send(ask)).await {
+            Ok(Ok(part)) => Some(part),
+            _ => None,
         }
-        match part.next {
-            Some(next) => after = Some(next),
-            None => return whole,
-        }
+    };
+    let missed = |departed| MissedAccount {
+        account: id.clone(),
+        departed,
+    };
+    let first = part(None).await.ok_or_else(|| missed(Vec::new()))?;
+    let (mut whole, mut next) = (first.part, first.next);
+    while let Some(after) = next.take() {
+        let Some(more) = part(Some(after)).await else {
+            return Err(missed(whole.departed));
+        };
+        whole.connections.extend(more.part.connections);
+        next = more.next;
     }
+    Ok(whole)
 }
 
 /// One session of a node as its last snapshot held it.
@@ -317,10 +344,10 @@ mod tests {
             .await
             .expect("account answers");
 
-        let (snap, missed) = collect(&registry, Duration::from_secs(5))
+        let snap = collect(&registry, Duration::from_secs(5))
             .await
             .expect("registry answers");
-        assert_eq!(missed, 0);
+        assert_eq!(snap.missed(), 0);
         let [acc] = &snap.accounts[..] else {
             panic!("one account: {:?}", snap.accounts.len());
         };
@@ -346,7 +373,7 @@ mod tests {
         assert_eq!(keys.iter().filter(|k| **k == "u00000").count(), 2);
         assert_eq!(acc.departed.len(), 1, "who left: {:?}", acc.departed);
 
-        let (again, _) = collect(&registry, Duration::from_secs(5))
+        let again = collect(&registry, Duration::from_secs(5))
             .await
             .expect("registry answers");
         assert_eq!(again.accounts[0].connections.len(), users);

@@ -261,11 +261,14 @@ async fn take_and_write(
     timeout: Duration,
     pace: Option<writer::Pace>,
 ) -> Result<TickReport, String> {
-    let (snap, missed) = snapshot::collect(&registry, timeout)
+    let snap = snapshot::collect(&registry, timeout)
         .await
         .map_err(|e| format!("registry unavailable: {e}"))?;
+    let missed = snap.missed();
     if missed > 0 {
-        log::warn!("snapshot: {missed} actor(s) did not answer in time and were left out");
+        log::warn!(
+            "snapshot: {missed} actor(s) did not answer in time; what was written of their sessions stands until the next tick"
+        );
     }
     let report = writer
         .send(WriteTick { snap, pace })

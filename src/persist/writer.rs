@@ -74,13 +74,16 @@ pub struct RoomEntry {
 /// of the row itself.
 #[derive(Debug, Clone)]
 struct Held {
+    /// Which account the session is in: while that account (or one of these rooms) is missed
+    /// by a snapshot, what is held stands (`EngineSnapshot::missed_accounts`).
+    account: Arc<str>,
     fingerprint: u64,
     places: Vec<Box<str>>,
 }
 
 /// A session as the snapshot holds it, borrowed.
 struct View<'a> {
-    account: &'a str,
+    account: &'a Arc<str>,
     user: &'a str,
     meta: &'a Meta,
     ghost: Option<i64>,
@@ -191,6 +194,7 @@ fn held_of(row: &SessionSnapshot) -> Option<(u64, Held)> {
     Some((
         session,
         Held {
+            account: row.account_id.as_str().into(),
             fingerprint: fp,
             places,
         },
@@ -218,7 +222,7 @@ fn views(snap: &EngineSnapshot) -> HashMap<u64, View<'_>> {
     for r in &snap.rooms {
         for (_, meta, ghost) in &r.members {
             if let Some(v) = out.get_mut(&meta.session.0) {
-                if v.account == &*r.account {
+                if *v.account == r.account {
                     v.rooms.push((&r.room, meta, *ghost));
                 }
             }
@@ -415,11 +419,20 @@ impl Writer {
         let now = snap.taken_at;
         let samples = self.take_samples(&snap);
         self.buffer_samples(samples);
-        for a in &snap.accounts {
-            for (user, at) in &a.departed {
+        let departed = snap
+            .accounts
+            .iter()
+            .map(|a| (&a.account, &a.departed))
+            .chain(
+                snap.missed_accounts
+                    .iter()
+                    .map(|m| (&m.account, &m.departed)),
+            );
+        for (account, departed) in departed {
+            for (user, at) in departed {
                 let e = self
                     .pending_seen
-                    .entry((a.account.clone(), user.clone()))
+                    .entry((account.clone(), user.clone()))
                     .or_insert(*at);
                 *e = (*e).max(*at);
             }
@@ -456,11 +469,15 @@ impl Writer {
 
         steps.breathe();
         let views = views(&snap);
+        let frozen = self.frozen(&snap);
         steps.breathe();
         let mut dirty: Vec<(u64, u64)> = Vec::new();
         for (i, (session, view)) in views.iter().enumerate() {
             if i > 0 && i % FINGERPRINTS_PER_STEP == 0 {
                 steps.breathe();
+            }
+            if frozen.contains(session) {
+                continue;
             }
             let fp = view.fingerprint();
             if self
@@ -474,7 +491,7 @@ impl Writer {
         let mut gone: Vec<u64> = self
             .committed
             .keys()
-            .filter(|s| !views.contains_key(*s))
+            .filter(|s| !views.contains_key(*s) && !frozen.contains(*s))
             .copied()
             .collect();
         // In key order, so that each slice touches a narrow range of the tables' pages: a page
@@ -561,6 +578,33 @@ impl Writer {
     }
 
     /// Rows, interval changes and new `committed` entries for the sessions of one slice.
+    /// The committed sessions this snapshot cannot say anything about: those of an account it
+    /// missed, and those held in a room it missed. Their rows and intervals stand as they are
+    /// until a snapshot reads those actors again; closing them would put a gap in their
+    /// history, and drop them from the rows a restart restores.
+    fn frozen(&self, snap: &EngineSnapshot) -> HashSet<u64> {
+        if snap.missed() == 0 {
+            return HashSet::new();
+        }
+        let accounts: HashSet<&str> = snap.missed_accounts.iter().map(|m| &*m.account).collect();
+        let rooms: HashSet<(&str, &str)> = snap
+            .missed_rooms
+            .iter()
+            .map(|(a, r)| (&**a, &**r))
+            .collect();
+        self.committed
+            .iter()
+            .filter(|(_, h)| {
+                accounts.contains(&*h.account)
+                    || h.places
+                        .iter()
+                        .skip(1)
+                        .any(|p| rooms.contains(&(&*h.account, &**p)))
+            })
+            .map(|(s, _)| *s)
+            .collect()
+    }
+
     fn slice(
         &self,
         views: &HashMap<u64, View<'_>>,
@@ -604,6 +648,7 @@ impl Writer {
             out.changed.push((
                 *session,
                 Held {
+                    account: view.account.clone(),
                     fingerprint: *fp,
                     places,
                 },
@@ -771,6 +816,7 @@ mod tests {
                     members: vec![("ada".into(), meta(7, room_ref, "busy"), Some(9_000))],
                 })
                 .collect(),
+            ..EngineSnapshot::default()
         }
     }
 
@@ -831,6 +877,7 @@ mod tests {
                     members,
                 })
                 .collect(),
+            ..EngineSnapshot::default()
         }
     }
 
@@ -950,5 +997,51 @@ mod tests {
         assert_eq!(r.upserted, n as usize - landed);
         assert_eq!(store.load_snapshot("node").unwrap().len(), n as usize);
         assert_eq!(members(&store, "r", 5_001), n as usize);
+    }
+
+    #[test]
+    fn what_a_snapshot_missed_stands_until_a_later_one_reads_it() {
+        use presence_actors::snapshot::MissedAccount;
+        let temp = crate::store::testdb::TempDatabase::sqlite();
+        let store = Store::open(temp.url(), 2).unwrap();
+        let mut w = writer(&store);
+        let room = |i: u64| format!("r{}", i % 2);
+        w.write(crowd(1..101, room, 1)).unwrap();
+        assert_eq!(members(&store, "", 5_002), 100);
+
+        // The account did not answer (its rooms did): nothing of its sessions is gone, and the
+        // departure its first part drained is still written.
+        let mut snap = crowd(1..101, room, 2);
+        snap.accounts.clear();
+        snap.missed_accounts.push(MissedAccount {
+            account: "acc".into(),
+            departed: vec![("u7".into(), 5_003)],
+        });
+        let r = w.write(snap).unwrap();
+        assert_eq!((r.upserted, r.removed, r.intervals_closed), (0, 0, 0));
+        assert_eq!(r.intervals_opened, 0);
+        assert_eq!(store.load_snapshot("node").unwrap().len(), 100);
+        assert_eq!(members(&store, "", 5_008), 100);
+        assert_eq!(
+            members(&store, "r0", 5_008) + members(&store, "r1", 5_008),
+            100
+        );
+        assert_eq!(store.last_seen("acc", "u7").unwrap(), Some(5_003));
+
+        // Room r0 did not answer: its members' rows and intervals stand, r1's are written.
+        let mut snap = crowd(1..101, room, 3);
+        snap.rooms.retain(|r| &*r.room != "r0");
+        snap.missed_rooms.push(("acc".into(), "r0".into()));
+        let r = w.write(snap).unwrap();
+        assert_eq!((r.upserted, r.removed, r.intervals_closed), (50, 0, 0));
+        assert_eq!(r.intervals_opened, 0);
+        assert_eq!(members(&store, "r0", 5_008), 50);
+
+        // Read again, r0's members are written, and none of their intervals was ever closed.
+        let r = w.write(crowd(1..101, room, 4)).unwrap();
+        assert_eq!((r.upserted, r.removed), (100, 0));
+        assert_eq!((r.intervals_opened, r.intervals_closed), (0, 0));
+        assert_eq!(members(&store, "r0", 5_009), 50);
+        assert_eq!(members(&store, "r1", 5_009), 50);
     }
 }
