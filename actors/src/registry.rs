@@ -977,6 +977,16 @@ pub(crate) mod tests {
         Addr::new(tx)
     }
 
+    /// What a crash leaves in the registry until its notice arrives: the slot, with a dead
+    /// address.
+    fn dead_slot<A: Actor>(gen: u64) -> Slot<A> {
+        Slot {
+            addr: dead(),
+            gen,
+            routed: 0,
+        }
+    }
+
     /// A snapshot names the actors that did not answer it, so that a writer does not take
     /// their sessions for gone: here an account and a room (one being rebuilt, so asked) whose
     /// actors are dead, beside a live account that answers.
@@ -984,18 +994,11 @@ pub(crate) mod tests {
     async fn a_snapshot_names_the_actors_it_missed() {
         let mut registry = registry(60_000);
         let (account, room): (Arc<str>, Arc<str>) = ("acc".into(), "lobby".into());
-        fn dead_slot<A: Actor>() -> Slot<A> {
-            Slot {
-                addr: dead(),
-                gen: 1,
-                routed: 0,
-            }
-        }
         registry
             .rooms
-            .insert((account.clone(), room.clone()), dead_slot());
+            .insert((account.clone(), room.clone()), dead_slot(1));
         registry.rooms_per_account.insert(account.clone(), 1);
-        registry.accounts.insert(account.clone(), dead_slot());
+        registry.accounts.insert(account.clone(), dead_slot(1));
         let registry = registry.start();
         let bob = Stake.start();
         registry
@@ -1030,24 +1033,11 @@ pub(crate) mod tests {
         let mut registry = registry(60_000);
         let directory = registry.directory();
         let (account, room): (Arc<str>, Arc<str>) = ("acc".into(), "lobby".into());
-        // What a crash leaves until its notice arrives: the slot, with a dead address.
-        let slot = |gen| Slot {
-            addr: dead(),
-            gen,
-            routed: 0,
-        };
         registry
             .rooms
-            .insert((account.clone(), room.clone()), slot(7));
+            .insert((account.clone(), room.clone()), dead_slot(7));
         registry.rooms_per_account.insert(account.clone(), 1);
-        registry.accounts.insert(
-            account.clone(),
-            Slot {
-                addr: dead(),
-                gen: 8,
-                routed: 0,
-            },
-        );
+        registry.accounts.insert(account.clone(), dead_slot(8));
         let registry = registry.start();
         let ann = Stake.start();
         let account_addr = registry
