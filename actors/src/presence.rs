@@ -844,8 +844,8 @@ impl KeyedMut for BTreeMap<Key, Vec<Entry>> {
 /// The length of the last `presence_state` a room or an account wrote. The next one differs
 /// by a few members, so its buffer is reserved from this: a state is then written once, not
 /// copied each time its buffer doubles. With `State::size_hint`'s fixed guess alone, a room of
-/// ~100 members reallocated most of its states: ~3 % of a node's CPU in a
-/// connect ramp (BENCHMARKS.md).
+/// ~100 members reallocated most of its states: ~3 % of a node's CPU in a connect ramp
+/// (BENCHMARKS.md).
 #[derive(Debug, Default)]
 pub struct StateLen(std::cell::Cell<usize>);
 

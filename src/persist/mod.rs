@@ -267,7 +267,7 @@ async fn take_and_write(
     let missed = snap.missed();
     if missed > 0 {
         log::warn!(
-            "snapshot: {missed} actor(s) did not answer in time; what was written of their sessions stands until the next tick"
+            "snapshot: {missed} actor(s) did not answer in time; what was written of their sessions stands until a snapshot reads them"
         );
     }
     let report = writer

@@ -577,7 +577,6 @@ impl Writer {
         Ok(report)
     }
 
-    /// Rows, interval changes and new `committed` entries for the sessions of one slice.
     /// The committed sessions this snapshot cannot say anything about: those of an account it
     /// missed, and those held in a room it missed. Their rows and intervals stand as they are
     /// until a snapshot reads those actors again; closing them would put a gap in their
@@ -605,6 +604,7 @@ impl Writer {
             .collect()
     }
 
+    /// Rows, interval changes and new `committed` entries for the sessions of one slice.
     fn slice(
         &self,
         views: &HashMap<u64, View<'_>>,
