@@ -977,6 +977,29 @@ pub(crate) mod tests {
         Addr::new(tx)
     }
 
+    /// Registers a connection of `user` to `account`, with a `Stake` for its session; the
+    /// account the registry gives it.
+    async fn connect(
+        registry: &Addr<Registry>,
+        session: u64,
+        account: &str,
+        user: &str,
+    ) -> Option<Addr<AccountActor>> {
+        let stake = Stake.start();
+        registry
+            .send(RegisterSession {
+                session: SessionId(session),
+                account: account.into(),
+                connection: true,
+                user: user.into(),
+                to: stake.clone().recipient(),
+                report: stake.recipient(),
+            })
+            .await
+            .expect("registry answers")
+            .expect("registered")
+    }
+
     /// What a crash leaves in the registry until its notice arrives: the slot, with a dead
     /// address.
     fn dead_slot<A: Actor>(gen: u64) -> Slot<A> {
@@ -1000,19 +1023,7 @@ pub(crate) mod tests {
         registry.rooms_per_account.insert(account.clone(), 1);
         registry.accounts.insert(account.clone(), dead_slot(1));
         let registry = registry.start();
-        let bob = Stake.start();
-        registry
-            .send(RegisterSession {
-                session: SessionId(2),
-                account: "other".into(),
-                connection: true,
-                user: "bob".into(),
-                to: bob.clone().recipient(),
-                report: bob.clone().recipient(),
-            })
-            .await
-            .expect("registry answers")
-            .expect("registered");
+        connect(&registry, 2, "other", "bob").await;
 
         let snap = crate::snapshot::collect(&registry, Duration::from_millis(500))
             .await
@@ -1039,19 +1050,8 @@ pub(crate) mod tests {
         registry.rooms_per_account.insert(account.clone(), 1);
         registry.accounts.insert(account.clone(), dead_slot(8));
         let registry = registry.start();
-        let ann = Stake.start();
-        let account_addr = registry
-            .send(RegisterSession {
-                session: SessionId(1),
-                account: account.clone(),
-                connection: true,
-                user: "ann".into(),
-                to: ann.clone().recipient(),
-                report: ann.clone().recipient(),
-            })
+        let account_addr = connect(&registry, 1, &account, "ann")
             .await
-            .expect("registry answers")
-            .expect("registered")
             .expect("a connection's account");
         assert!(account_addr.connected(), "the dead account was restarted");
 
