@@ -23,7 +23,7 @@ use crate::presence::{
 };
 use crate::protocol::{self, Reason};
 use crate::registry::{ActorDown, DownKind, Registry};
-use crate::snapshot::{AccountPart, AccountSnapshot, RestoreGhosts, SnapshotAccount};
+use crate::snapshot::{AccountPart, AccountSnapshot, Departures, RestoreGhosts, SnapshotAccount};
 use crate::supervision::DeathNotice;
 use crate::timer::Deadline;
 
@@ -583,9 +583,14 @@ impl Handler<SnapshotAccount> for AccountActor {
             part: AccountSnapshot {
                 account: self.id.clone(),
                 connections,
-                departed: match first {
-                    true => self.departed.drain().collect(),
-                    false => Vec::new(),
+                departed: match (first, msg.departures) {
+                    (true, Departures::Take) => self.departed.drain().collect(),
+                    (true, Departures::Leave) => self
+                        .departed
+                        .iter()
+                        .map(|(k, at)| (k.clone(), *at))
+                        .collect(),
+                    (false, _) => Vec::new(),
                 },
                 followers: self.followers.len(),
             },

@@ -1025,9 +1025,13 @@ pub(crate) mod tests {
         let registry = registry.start();
         connect(&registry, 2, "other", "bob").await;
 
-        let snap = crate::snapshot::collect(&registry, Duration::from_millis(500))
-            .await
-            .expect("registry answers");
+        let snap = crate::snapshot::collect(
+            &registry,
+            Duration::from_millis(500),
+            crate::snapshot::Departures::Take,
+        )
+        .await
+        .expect("registry answers");
         let missed: Vec<&str> = snap.missed_accounts.iter().map(|m| &*m.account).collect();
         assert_eq!(missed, ["acc"]);
         assert_eq!(snap.missed_rooms, [(account, room)]);

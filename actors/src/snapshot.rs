@@ -72,6 +72,19 @@ pub(crate) fn held_part(
 pub struct SnapshotAccount {
     pub after: Option<Key>,
     pub users: usize,
+    /// Whether the first part drains the departures or only copies them.
+    pub departures: Departures,
+}
+
+/// What a snapshot does with the departures the accounts hold (`AccountSnapshot::departed`).
+/// They are the persistence writer's, so only its snapshots take them; any other reader (the
+/// cluster writing its full state) leaves them for the writer's next tick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Departures {
+    /// Drain them: this snapshot's caller records them.
+    Take,
+    /// Copy them and leave them with the account.
+    Leave,
 }
 
 /// Users per part of an account's snapshot: about half a millisecond of the account's thread.
@@ -143,6 +156,7 @@ impl EngineSnapshot {
 pub async fn collect(
     registry: &Addr<Registry>,
     timeout: Duration,
+    departures: Departures,
 ) -> Result<EngineSnapshot, MailboxError> {
     let targets = registry.send(SnapshotTargets).await?;
     let taken_at = crate::now_ms();
@@ -150,7 +164,7 @@ pub async fn collect(
         targets
             .accounts
             .iter()
-            .map(|(id, a)| account_snapshot(id, a, timeout)),
+            .map(|(id, a)| account_snapshot(id, a, timeout, departures)),
     );
     let mut snap = EngineSnapshot {
         taken_at,
@@ -203,11 +217,13 @@ async fn account_snapshot(
     id: &Arc<str>,
     account: &Addr<crate::account::AccountActor>,
     timeout: Duration,
+    departures: Departures,
 ) -> Result<AccountSnapshot, MissedAccount> {
     let part = |after| async move {
         let ask = SnapshotAccount {
             after,
             users: ACCOUNT_PART_USERS,
+            departures,
         };
         match tokio::time::timeout(timeout, account.send(ask)).await {
             Ok(Ok(part)) => Some(part),
@@ -303,7 +319,8 @@ mod tests {
     use crate::registry::ResolveAccount;
 
     /// An account larger than one part is read part by part: every connection exactly once,
-    /// a user's sessions together, and who went away only once.
+    /// a user's sessions together, and who went away only once, to the snapshot that takes
+    /// the departures.
     #[actix_rt::test]
     async fn an_account_is_read_in_parts_that_hold_every_connection_once() {
         let metrics = Metrics::new(&prometheus::Registry::new());
@@ -344,7 +361,20 @@ mod tests {
             .await
             .expect("account answers");
 
-        let snap = collect(&registry, Duration::from_secs(5))
+        // A reader other than the persistence writer (the cluster) sees who left and leaves
+        // them for the writer.
+        let peek = collect(&registry, Duration::from_secs(5), Departures::Leave)
+            .await
+            .expect("registry answers");
+        assert_eq!(peek.accounts[0].connections.len(), users);
+        assert_eq!(
+            peek.accounts[0].departed.len(),
+            1,
+            "{:?}",
+            peek.accounts[0].departed
+        );
+
+        let snap = collect(&registry, Duration::from_secs(5), Departures::Take)
             .await
             .expect("registry answers");
         assert_eq!(snap.missed(), 0);
@@ -373,7 +403,7 @@ mod tests {
         assert_eq!(keys.iter().filter(|k| **k == "u00000").count(), 2);
         assert_eq!(acc.departed.len(), 1, "who left: {:?}", acc.departed);
 
-        let again = collect(&registry, Duration::from_secs(5))
+        let again = collect(&registry, Duration::from_secs(5), Departures::Take)
             .await
             .expect("registry answers");
         assert_eq!(again.accounts[0].connections.len(), users);

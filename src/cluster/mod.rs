@@ -572,9 +572,14 @@ impl Driver {
     /// Writes this node's whole state (its hash replaced in one MULTI) and says hello.
     async fn publish_all(&mut self, conn: &mut MultiplexedConnection) -> Result<(), Failure> {
         let pending = self.outbox.take();
-        let snap = snapshot::collect(&self.registry, Duration::from_secs(2))
-            .await
-            .map_err(|e| format!("snapshot: {e}"))?;
+        // The departures are the persistence writer's: leave them with the accounts.
+        let snap = snapshot::collect(
+            &self.registry,
+            Duration::from_secs(2),
+            snapshot::Departures::Leave,
+        )
+        .await
+        .map_err(|e| format!("snapshot: {e}"))?;
         let missed = snap.missed();
         if missed > 0 {
             log::warn!("cluster: {missed} actor(s) did not answer for the full state; their changes follow as deltas");

@@ -261,7 +261,7 @@ async fn take_and_write(
     timeout: Duration,
     pace: Option<writer::Pace>,
 ) -> Result<TickReport, String> {
-    let snap = snapshot::collect(&registry, timeout)
+    let snap = snapshot::collect(&registry, timeout, snapshot::Departures::Take)
         .await
         .map_err(|e| format!("registry unavailable: {e}"))?;
     let missed = snap.missed();
