@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 use crate::cluster::{Change, NodeId, RemoteChanges, Remotes, Request, Scope};
 use crate::config::EngineConfig;
 use crate::fanout::{Fanout, Subscriber};
-use crate::messages::{AccountMembership, Crash, Leave, SessionAddr, ToSession};
+use crate::messages::{AccountMembership, Crash, Leave, SessionAddr, Stall, ToSession};
 use crate::metrics::Metrics;
 use crate::now_ms;
 use crate::presence::{
@@ -669,6 +669,19 @@ impl Handler<SessionNode> for AccountActor {
             .entries()
             .any(|(_, m, _)| m.session == msg.session)
             .then(|| self.cfg.cluster.node.clone())
+    }
+}
+
+impl Handler<Stall> for AccountActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Stall, _: &mut Context<Self>) {
+        log::warn!(
+            "account {} stalls its thread for {} ms on purpose (chaos hook)",
+            self.id,
+            msg.0.as_millis()
+        );
+        std::thread::sleep(msg.0);
     }
 }
 

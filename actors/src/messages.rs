@@ -85,6 +85,12 @@ pub struct HereNow {
 #[rtype(result = "()")]
 pub struct Crash;
 
+/// Test and chaos hook: the actor holds its thread for this long, as a stuck computation would,
+/// and answers nothing meanwhile (nor does any actor on that thread).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Stall(pub std::time::Duration);
+
 /// A session's stake in a room, reported to a restarted room so it can rebuild its state.
 #[derive(Debug, Clone)]
 pub struct RoomMembership {

@@ -15,7 +15,7 @@ use crate::account::{AccountActor, AccountSpec};
 use crate::cluster::{Change, FromNode, RemoteChanges, Scope};
 use crate::config::EngineConfig;
 use crate::fanout::Scatter;
-use crate::messages::{Crash, Report, ReportMembership, SessionAddr, ToSession};
+use crate::messages::{Crash, Report, ReportMembership, SessionAddr, Stall, ToSession};
 use crate::metrics::Metrics;
 use crate::presence::{IdGen, Key, SessionId};
 use crate::protocol::Reason;
@@ -127,6 +127,15 @@ pub struct KickSession {
 #[rtype(result = "bool")]
 pub struct CrashActor {
     pub kind: DownKind,
+}
+
+/// Chaos hook: make a live room or account actor hold its thread for `for_`
+/// (`messages::Stall`), so that it misses whatever asks it meanwhile.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct StallActor {
+    pub kind: DownKind,
+    pub for_: std::time::Duration,
 }
 
 /// Graceful shutdown: every session is closed with 1001; the reply is how many were told.
@@ -803,20 +812,41 @@ impl Handler<KickSession> for Registry {
     }
 }
 
+impl Registry {
+    /// Sends a chaos message to the live room or account actor `kind` names; `false` if there
+    /// is none or its mailbox is full.
+    fn poke<M>(&self, kind: DownKind, msg: M) -> bool
+    where
+        M: Message<Result = ()> + Send + 'static,
+        RoomActor: Handler<M>,
+        AccountActor: Handler<M>,
+    {
+        match kind {
+            DownKind::Room { account, room } => self
+                .rooms
+                .get(&(account, room))
+                .is_some_and(|s| s.addr.try_send(msg).is_ok()),
+            DownKind::Account { account } => self
+                .accounts
+                .get(&account)
+                .is_some_and(|s| s.addr.try_send(msg).is_ok()),
+        }
+    }
+}
+
 impl Handler<CrashActor> for Registry {
     type Result = bool;
 
     fn handle(&mut self, msg: CrashActor, _: &mut Context<Self>) -> bool {
-        match msg.kind {
-            DownKind::Room { account, room } => match self.rooms.get(&(account, room)) {
-                Some(s) => s.addr.try_send(Crash).is_ok(),
-                None => false,
-            },
-            DownKind::Account { account } => match self.accounts.get(&account) {
-                Some(s) => s.addr.try_send(Crash).is_ok(),
-                None => false,
-            },
-        }
+        self.poke(msg.kind, Crash)
+    }
+}
+
+impl Handler<StallActor> for Registry {
+    type Result = bool;
+
+    fn handle(&mut self, msg: StallActor, _: &mut Context<Self>) -> bool {
+        self.poke(msg.kind, Stall(msg.for_))
     }
 }
 

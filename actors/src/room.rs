@@ -21,7 +21,9 @@ use tokio::sync::oneshot;
 use crate::cluster::{Change, RemoteChanges, Remotes, Request, Scope};
 use crate::config::EngineConfig;
 use crate::fanout::{Cutoff, Dropped, Fanout, Scatter, Subscriber};
-use crate::messages::{Broadcast, Crash, HereNow, Join, Joined, Leave, RoomMembership, SetStatus};
+use crate::messages::{
+    Broadcast, Crash, HereNow, Join, Joined, Leave, RoomMembership, SetStatus, Stall,
+};
 use crate::metrics::Metrics;
 use crate::now_ms;
 use crate::pace::Pacer;
@@ -847,6 +849,20 @@ fn merged(parts: &[Diff]) -> std::borrow::Cow<'_, Diff> {
             }
             std::borrow::Cow::Owned(d)
         }
+    }
+}
+
+impl Handler<Stall> for RoomActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Stall, _: &mut Context<Self>) {
+        log::warn!(
+            "room {}/{} stalls its thread for {} ms on purpose (chaos hook)",
+            self.account,
+            self.name,
+            msg.0.as_millis()
+        );
+        std::thread::sleep(msg.0);
     }
 }
 

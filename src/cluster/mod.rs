@@ -45,6 +45,10 @@ use wire::{Bus, Fit, Held, Peer, WireEntry, EPOCH_FIELD, SEQ_FIELD};
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause between reconnection attempts while Redis is away.
 const RETRY: Duration = Duration::from_millis(500);
+/// After a full state that some actor did not answer for, the first wait before writing it
+/// again, and the longest (the wait doubles while they still do not answer).
+const REWRITE_FIRST: Duration = Duration::from_secs(1);
+const REWRITE_MAX: Duration = Duration::from_secs(60);
 
 /// What a node needs to join a cluster.
 #[derive(Debug, Clone)]
@@ -119,6 +123,7 @@ pub struct ClusterMetrics {
     pub commands: IntCounter,
     pub resyncs: IntCounterVec,
     pub nodes_down: IntCounter,
+    pub partial_states: IntCounter,
 }
 
 impl ClusterMetrics {
@@ -190,6 +195,10 @@ impl ClusterMetrics {
             nodes_down: c(
                 "presenced_cluster_nodes_down_total",
                 "Peers declared down (lease gone, or Redis away for a TTL)",
+            ),
+            partial_states: c(
+                "presenced_cluster_partial_states_total",
+                "Full states written while some account or room did not answer (their entries kept as they were, the state written again later)",
             ),
         }
     }
@@ -287,6 +296,7 @@ impl Cluster {
             missing: HashMap::new(),
             down_since: None,
             up_since: Instant::now(),
+            rewrite: None,
         };
         arbiter.spawn(driver.run());
         Ok((Cluster { status, outbox }, restored))
@@ -397,6 +407,9 @@ struct Driver {
     down_since: Option<Instant>,
     /// When the current connection came up.
     up_since: Instant,
+    /// Set after a full state that left out actors that did not answer: when to write the
+    /// whole state again, and the wait that led there.
+    rewrite: Option<(Instant, Duration)>,
 }
 
 type Failure = String;
@@ -525,7 +538,11 @@ impl Driver {
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         }
         loop {
+            let rewrite_at = self.rewrite.map(|(at, _)| at).unwrap_or_else(Instant::now);
             let res = tokio::select! {
+                _ = tokio::time::sleep_until(rewrite_at.into()), if self.rewrite.is_some() => {
+                    self.publish_all(&mut conn).await
+                }
                 _ = tick.tick() => self.flush(&mut conn).await,
                 _ = beat.tick() => self.heartbeat(&mut conn).await,
                 _ = check.tick() => self.check(&mut conn).await,
@@ -570,6 +587,10 @@ impl Driver {
     }
 
     /// Writes this node's whole state (its hash replaced in one MULTI) and says hello.
+    ///
+    /// An account or room that does not answer in time is not taken for empty: what the hash
+    /// holds of it stays as it was (it may be a little old, or missing if Redis lost the
+    /// keys), and the whole state is written again a little later, until every actor answers.
     async fn publish_all(&mut self, conn: &mut MultiplexedConnection) -> Result<(), Failure> {
         let pending = self.outbox.take();
         // The departures are the persistence writer's: leave them with the accounts.
@@ -580,10 +601,6 @@ impl Driver {
         )
         .await
         .map_err(|e| format!("snapshot: {e}"))?;
-        let missed = snap.missed();
-        if missed > 0 {
-            log::warn!("cluster: {missed} actor(s) did not answer for the full state; their changes follow as deltas");
-        }
         let mut rooms_of: HashMap<SessionId, Vec<Arc<str>>> = HashMap::new();
         for r in &snap.rooms {
             for (_, m, _) in &r.members {
@@ -617,11 +634,37 @@ impl Driver {
                 ));
             }
         }
-        self.seq += 1;
         let key = self.cfg.state_key(&self.cfg.node);
         let mut pipe = redis::pipe();
         pipe.atomic();
-        pipe.cmd("DEL").arg(&key).ignore();
+        if snap.missed() == 0 {
+            pipe.cmd("DEL").arg(&key).ignore();
+            self.rewrite = None;
+        } else {
+            let old: Vec<String> = redis::cmd("HKEYS")
+                .arg(&key)
+                .query_async(conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.status.metrics.commands.inc();
+            let stale = self.keep_missed(&snap, old, &fields);
+            for chunk in stale.chunks(1000) {
+                pipe.cmd("HDEL").arg(&key).arg(chunk).ignore();
+            }
+            let wait = match self.rewrite {
+                Some((_, w)) => (w * 2).min(REWRITE_MAX),
+                None => REWRITE_FIRST,
+            };
+            self.rewrite = Some((Instant::now() + wait, wait));
+            self.status.metrics.partial_states.inc();
+            log::warn!(
+                "cluster: {} account(s) and {} room(s) did not answer for the full state; their entries stay as they were, and the state is written again in {} ms",
+                snap.missed_accounts.len(),
+                snap.missed_rooms.len(),
+                wait.as_millis()
+            );
+        }
+        self.seq += 1;
         pipe.cmd("HSET")
             .arg(&key)
             .arg(EPOCH_FIELD)
@@ -658,6 +701,41 @@ impl Driver {
             self.request(conn, r).await?;
         }
         Ok(())
+    }
+
+    /// Of the fields the hash holds (`old`), those to delete before `fresh` is written: the
+    /// ones neither in `fresh` nor of an actor `snap` missed. The missed accounts' connections
+    /// that stay are counted as this node's sessions.
+    fn keep_missed(
+        &mut self,
+        snap: &snapshot::EngineSnapshot,
+        old: Vec<String>,
+        fresh: &[(String, String)],
+    ) -> Vec<String> {
+        let fresh: HashSet<&str> = fresh.iter().map(|(k, _)| k.as_str()).collect();
+        let missed_accounts: HashSet<&str> =
+            snap.missed_accounts.iter().map(|m| &*m.account).collect();
+        let missed_rooms: HashSet<(&str, &str)> = snap
+            .missed_rooms
+            .iter()
+            .map(|(a, r)| (&**a, &**r))
+            .collect();
+        let mut stale = Vec::new();
+        for f in old {
+            if fresh.contains(f.as_str()) {
+                continue;
+            }
+            match wire::parse_field(&f) {
+                Some((Scope::Account { account }, _)) if missed_accounts.contains(&*account) => {
+                    self.own_sessions.insert(f);
+                }
+                Some((Scope::Room { account, room }, _))
+                    if missed_rooms.contains(&(&*account, &*room)) => {}
+                // `__epoch` and `__seq` are written again below.
+                _ => stale.push(f),
+            }
+        }
+        stale
     }
 
     /// The other nodes in the cluster's member set (one command, counted).

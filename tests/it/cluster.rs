@@ -834,6 +834,166 @@ async fn keys_lost_under_live_connections_are_rewritten_without_a_flap() {
     );
 }
 
+/// The session ids of the account entries (end users' connections) in node `node`'s state hash.
+fn account_entries(prefix: &str, node: &str) -> BTreeSet<String> {
+    let client = redis::Client::open(format!("redis://{REDIS}/")).expect("redis url");
+    let mut conn = client.get_connection().expect("redis connection");
+    let fields: Vec<String> = redis::cmd("HKEYS")
+        .arg(format!("{prefix}:state:{node}"))
+        .query(&mut conn)
+        .expect("HKEYS");
+    fields
+        .iter()
+        .filter_map(|f| serde_json::from_str::<(String, Option<String>, String)>(f).ok())
+        .filter(|(_, room, _)| room.is_none())
+        .map(|(_, _, session)| session)
+        .collect()
+}
+
+/// Node `node`'s `__seq`: it moves at every delta and every full state written.
+fn state_seq(prefix: &str, node: &str) -> u64 {
+    let client = redis::Client::open(format!("redis://{REDIS}/")).expect("redis url");
+    let mut conn = client.get_connection().expect("redis connection");
+    let seq: Option<u64> = redis::cmd("HGET")
+        .arg(format!("{prefix}:state:{node}"))
+        .arg("__seq")
+        .query(&mut conn)
+        .expect("HGET");
+    seq.unwrap_or(0)
+}
+
+/// Holds the thread of `account`'s actor on `app` for `for_` (chaos hook): it answers nothing
+/// meanwhile, so a full state written then misses it.
+async fn stall_account(app: &TestApp, account: &str, for_: Duration) {
+    use presence_actors::registry::{DownKind, StallActor};
+    let kind = DownKind::Account {
+        account: account.into(),
+    };
+    let ok = app
+        .state
+        .registry
+        .send(StallActor { kind, for_ })
+        .await
+        .expect("registry answers");
+    assert!(ok, "the account's actor is live");
+}
+
+/// Long enough that a full state begun at the next heartbeat gives up on the account (it
+/// waits 2 s for it) while the account is still stalled.
+const STALL: Duration = Duration::from_secs(5);
+
+/// A user on node a in a room, followed by a dashboard on node b.
+async fn user_on_a_seen_from_b(a: &TestApp, b: &TestApp) -> (TestAccount, View, View) {
+    let acc = a.create_account("acme").await;
+    let wa = View::join(
+        a.connect(&a.user_token(&acc, "wa")).await,
+        "room:r",
+        json!({}),
+    )
+    .await;
+    let mut dash = View::join(
+        b.connect(&b.admin_token).await,
+        &format!("account:{}", acc.id),
+        json!({}),
+    )
+    .await;
+    dash.until("wa on b's dashboard", |s| s.contains_key("wa"))
+        .await;
+    (acc, wa, dash)
+}
+
+/// A full state written while an account does not answer (here: its thread is stalled when
+/// Redis loses the node's lease, so the node rewrites its state) keeps what the hash holds of
+/// that account: no peer sees its users leave. Once it answers, the whole state is written
+/// again.
+#[actix_web::test]
+async fn a_full_state_written_while_an_account_is_stuck_keeps_its_users() {
+    let Some(cl) = Cluster::start() else { return };
+    let a = cl.node("a", &FAST).await;
+    let b = cl.node("b", &FAST).await;
+    let (acc, _wa, mut dash) = user_on_a_seen_from_b(&a, &b).await;
+    let entries = account_entries(&cl.prefix, "a");
+    assert_eq!(entries.len(), 1, "wa's connection: {entries:?}");
+    let mark = dash.ws.seen.len();
+    let seq = state_seq(&cl.prefix, "a");
+
+    stall_account(&a, &acc.id, STALL).await;
+    let client = redis::Client::open(cl.redis.as_str()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{}:lease:a", cl.prefix))
+        .query(&mut conn)
+        .unwrap();
+    eventually("a full state that missed the account", || async {
+        (a.metric("presenced_cluster_partial_states_total", "").await >= 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        account_entries(&cl.prefix, "a"),
+        entries,
+        "the stuck account's entry stays in the hash"
+    );
+
+    // Once the account answers again, the whole state is written again: more states written
+    // than partial ones (nothing changes, so no delta moves the sequence).
+    eventually("the whole state written again", || async {
+        let writes = state_seq(&cl.prefix, "a") - seq;
+        let partial = a.metric("presenced_cluster_partial_states_total", "").await;
+        (writes as f64 > partial).then_some(())
+    })
+    .await;
+    assert_eq!(account_entries(&cl.prefix, "a"), entries);
+    let _ = dash
+        .ws
+        .try_expect(Duration::from_millis(200), &|_| false)
+        .await;
+    let diffs: Vec<&Value> = dash.ws.seen[mark..]
+        .iter()
+        .filter(|f| f[3] == "presence_diff")
+        .collect();
+    assert!(diffs.is_empty(), "no flap on b: {diffs:?}");
+    let (_, v) = b
+        .get(
+            &format!("/api/v1/accounts/{}/presence", acc.id),
+            &b.admin_token,
+        )
+        .await;
+    assert!(v["presences"].get("wa").is_some(), "{v}");
+}
+
+/// When Redis has lost the node's state and an account does not answer for the new one, that
+/// account's users are missing from it (nothing is left to keep); they come back, on every
+/// peer, as soon as the account answers, without any of them doing anything.
+#[actix_web::test]
+async fn an_account_missing_from_a_rewritten_state_comes_back_once_it_answers() {
+    let Some(cl) = Cluster::start() else { return };
+    let a = cl.node("a", &FAST).await;
+    let b = cl.node("b", &FAST).await;
+    let (acc, _wa, mut dash) = user_on_a_seen_from_b(&a, &b).await;
+    let entries = account_entries(&cl.prefix, "a");
+    assert_eq!(entries.len(), 1, "wa's connection: {entries:?}");
+
+    stall_account(&a, &acc.id, STALL).await;
+    delete_keys(&cl.prefix);
+    eventually("a full state that missed the account", || async {
+        (a.metric("presenced_cluster_partial_states_total", "").await >= 1.0).then_some(())
+    })
+    .await;
+    eventually("wa's entry back in a's state", || async {
+        (account_entries(&cl.prefix, "a") == entries).then_some(())
+    })
+    .await;
+    dash.until("wa on b's dashboard", |s| s.contains_key("wa"))
+        .await;
+    let (_, v) = b
+        .get(
+            &format!("/api/v1/accounts/{}/presence", acc.id),
+            &b.admin_token,
+        )
+        .await;
+    assert!(v["presences"].get("wa").is_some(), "{v}");
+}
+
 /// The `node` of each entry of a JSON array (metas or sessions); `whole` is the response, shown
 /// when the array is missing or an entry has no node.
 fn node_names(list: &Value, whole: &Value) -> BTreeSet<String> {
