@@ -882,24 +882,75 @@ async fn stall_account(app: &TestApp, account: &str, for_: Duration) {
 /// waits 2 s for it) while the account is still stalled.
 const STALL: Duration = Duration::from_secs(5);
 
-/// A user on node a in a room, followed by a dashboard on node b.
-async fn user_on_a_seen_from_b(a: &TestApp, b: &TestApp) -> (TestAccount, View, View) {
-    let acc = a.create_account("acme").await;
-    let wa = View::join(
-        a.connect(&a.user_token(&acc, "wa")).await,
-        "room:r",
-        json!({}),
-    )
-    .await;
-    let mut dash = View::join(
-        b.connect(&b.admin_token).await,
-        &format!("account:{}", acc.id),
-        json!({}),
-    )
-    .await;
-    dash.until("wa on b's dashboard", |s| s.contains_key("wa"))
+/// Two nodes; a user on node a in a room, followed by a dashboard on node b.
+struct UserOnA {
+    a: TestApp,
+    b: TestApp,
+    acc: TestAccount,
+    _wa: View,
+    dash: View,
+    /// The session of that user's account entry in node a's state hash.
+    entries: BTreeSet<String>,
+    // Last: its keys are deleted once the nodes are gone.
+    cl: Cluster,
+}
+
+impl UserOnA {
+    async fn start() -> Option<UserOnA> {
+        let cl = Cluster::start()?;
+        let a = cl.node("a", &FAST).await;
+        let b = cl.node("b", &FAST).await;
+        let acc = a.create_account("acme").await;
+        let wa = View::join(
+            a.connect(&a.user_token(&acc, "wa")).await,
+            "room:r",
+            json!({}),
+        )
         .await;
-    (acc, wa, dash)
+        let mut dash = View::join(
+            b.connect(&b.admin_token).await,
+            &format!("account:{}", acc.id),
+            json!({}),
+        )
+        .await;
+        dash.until("wa on b's dashboard", |s| s.contains_key("wa"))
+            .await;
+        let entries = account_entries(&cl.prefix, "a");
+        assert_eq!(entries.len(), 1, "wa's connection: {entries:?}");
+        Some(UserOnA {
+            a,
+            b,
+            acc,
+            _wa: wa,
+            dash,
+            entries,
+            cl,
+        })
+    }
+
+    /// Until node a has written a full state that missed an actor.
+    async fn partial_state_written(&self) {
+        eventually("a full state that missed the account", || async {
+            (self
+                .a
+                .metric("presenced_cluster_partial_states_total", "")
+                .await
+                >= 1.0)
+                .then_some(())
+        })
+        .await;
+    }
+
+    async fn assert_wa_on_b(&self) {
+        let (_, v) = self
+            .b
+            .get(
+                &format!("/api/v1/accounts/{}/presence", self.acc.id),
+                &self.b.admin_token,
+            )
+            .await;
+        assert!(v["presences"].get("wa").is_some(), "{v}");
+    }
 }
 
 /// A full state written while an account does not answer (here: its thread is stalled when
@@ -908,57 +959,48 @@ async fn user_on_a_seen_from_b(a: &TestApp, b: &TestApp) -> (TestAccount, View, 
 /// again.
 #[actix_web::test]
 async fn a_full_state_written_while_an_account_is_stuck_keeps_its_users() {
-    let Some(cl) = Cluster::start() else { return };
-    let a = cl.node("a", &FAST).await;
-    let b = cl.node("b", &FAST).await;
-    let (acc, _wa, mut dash) = user_on_a_seen_from_b(&a, &b).await;
-    let entries = account_entries(&cl.prefix, "a");
-    assert_eq!(entries.len(), 1, "wa's connection: {entries:?}");
-    let mark = dash.ws.seen.len();
-    let seq = state_seq(&cl.prefix, "a");
+    let Some(mut t) = UserOnA::start().await else {
+        return;
+    };
+    let mark = t.dash.ws.seen.len();
+    let seq = state_seq(&t.cl.prefix, "a");
 
-    stall_account(&a, &acc.id, STALL).await;
-    let client = redis::Client::open(cl.redis.as_str()).unwrap();
+    stall_account(&t.a, &t.acc.id, STALL).await;
+    let client = redis::Client::open(t.cl.redis.as_str()).unwrap();
     let mut conn = client.get_connection().unwrap();
     let _: () = redis::cmd("DEL")
-        .arg(format!("{}:lease:a", cl.prefix))
+        .arg(format!("{}:lease:a", t.cl.prefix))
         .query(&mut conn)
         .unwrap();
-    eventually("a full state that missed the account", || async {
-        (a.metric("presenced_cluster_partial_states_total", "").await >= 1.0).then_some(())
-    })
-    .await;
+    t.partial_state_written().await;
     assert_eq!(
-        account_entries(&cl.prefix, "a"),
-        entries,
+        account_entries(&t.cl.prefix, "a"),
+        t.entries,
         "the stuck account's entry stays in the hash"
     );
 
     // Once the account answers again, the whole state is written again: more states written
     // than partial ones (nothing changes, so no delta moves the sequence).
     eventually("the whole state written again", || async {
-        let writes = state_seq(&cl.prefix, "a") - seq;
-        let partial = a.metric("presenced_cluster_partial_states_total", "").await;
+        let writes = state_seq(&t.cl.prefix, "a") - seq;
+        let partial =
+            t.a.metric("presenced_cluster_partial_states_total", "")
+                .await;
         (writes as f64 > partial).then_some(())
     })
     .await;
-    assert_eq!(account_entries(&cl.prefix, "a"), entries);
-    let _ = dash
+    assert_eq!(account_entries(&t.cl.prefix, "a"), t.entries);
+    let _ = t
+        .dash
         .ws
         .try_expect(Duration::from_millis(200), &|_| false)
         .await;
-    let diffs: Vec<&Value> = dash.ws.seen[mark..]
+    let diffs: Vec<&Value> = t.dash.ws.seen[mark..]
         .iter()
         .filter(|f| f[3] == "presence_diff")
         .collect();
     assert!(diffs.is_empty(), "no flap on b: {diffs:?}");
-    let (_, v) = b
-        .get(
-            &format!("/api/v1/accounts/{}/presence", acc.id),
-            &b.admin_token,
-        )
-        .await;
-    assert!(v["presences"].get("wa").is_some(), "{v}");
+    t.assert_wa_on_b().await;
 }
 
 /// When Redis has lost the node's state and an account does not answer for the new one, that
@@ -966,32 +1008,20 @@ async fn a_full_state_written_while_an_account_is_stuck_keeps_its_users() {
 /// peer, as soon as the account answers, without any of them doing anything.
 #[actix_web::test]
 async fn an_account_missing_from_a_rewritten_state_comes_back_once_it_answers() {
-    let Some(cl) = Cluster::start() else { return };
-    let a = cl.node("a", &FAST).await;
-    let b = cl.node("b", &FAST).await;
-    let (acc, _wa, mut dash) = user_on_a_seen_from_b(&a, &b).await;
-    let entries = account_entries(&cl.prefix, "a");
-    assert_eq!(entries.len(), 1, "wa's connection: {entries:?}");
-
-    stall_account(&a, &acc.id, STALL).await;
-    delete_keys(&cl.prefix);
-    eventually("a full state that missed the account", || async {
-        (a.metric("presenced_cluster_partial_states_total", "").await >= 1.0).then_some(())
-    })
-    .await;
+    let Some(mut t) = UserOnA::start().await else {
+        return;
+    };
+    stall_account(&t.a, &t.acc.id, STALL).await;
+    delete_keys(&t.cl.prefix);
+    t.partial_state_written().await;
     eventually("wa's entry back in a's state", || async {
-        (account_entries(&cl.prefix, "a") == entries).then_some(())
+        (account_entries(&t.cl.prefix, "a") == t.entries).then_some(())
     })
     .await;
-    dash.until("wa on b's dashboard", |s| s.contains_key("wa"))
+    t.dash
+        .until("wa on b's dashboard", |s| s.contains_key("wa"))
         .await;
-    let (_, v) = b
-        .get(
-            &format!("/api/v1/accounts/{}/presence", acc.id),
-            &b.admin_token,
-        )
-        .await;
-    assert!(v["presences"].get("wa").is_some(), "{v}");
+    t.assert_wa_on_b().await;
 }
 
 /// The `node` of each entry of a JSON array (metas or sessions); `whole` is the response, shown
