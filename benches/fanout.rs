@@ -117,6 +117,7 @@ fn bench(c: &mut Criterion) {
                 Subscriber {
                     user: format!("user-{i:06}").into(),
                     to,
+                    lane: None,
                 },
             );
         }

@@ -101,6 +101,7 @@ async fn room_with(n: u64, registry: &Addr<Registry>) -> Room {
             user: user.clone(),
             arrival: arrival(i, &fields),
             to: counter(&barriers).recipient(),
+            lane: None,
         })
         .await
         .expect("room")
@@ -205,6 +206,7 @@ fn bench(c: &mut Criterion) {
                                 user: user.clone(),
                                 arrival: arrival(base + j as u64, &room.fields),
                                 to: to.clone().recipient(),
+                                lane: None,
                             })
                         });
                         for res in join_all(joins).await {

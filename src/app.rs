@@ -247,6 +247,12 @@ impl Application {
                 on_connect: tune_connection,
                 workers_on_default_policy: settings.server.scheduling
                     == crate::config::Scheduling::Batch,
+                on_socket_thread: {
+                    let metrics = state.metrics.clone();
+                    Arc::new(move |index| {
+                        presence_actors::fanout::start_this_threads_lane(index, metrics.clone())
+                    })
+                },
             },
         )
         .map_err(|source| StartError::Bind {

@@ -339,8 +339,14 @@ impl Actor for AccountActor {
                             act.live.insert(m.session, (user, m.to.clone()));
                         }
                         if let Some(user) = m.follower {
-                            act.followers
-                                .insert(m.session, Subscriber { user, to: m.to });
+                            act.followers.insert(
+                                m.session,
+                                Subscriber {
+                                    user,
+                                    to: m.to,
+                                    lane: None,
+                                },
+                            );
                         }
                     }
                     let frame = act.state_frame();
@@ -472,6 +478,7 @@ impl Handler<Subscribe> for AccountActor {
             Subscriber {
                 user: msg.user,
                 to: msg.to,
+                lane: None,
             },
         );
         Ok(self.state_frame())

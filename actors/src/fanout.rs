@@ -6,7 +6,15 @@
 //! frames from that thread before any of its own sessions could write one, while the other
 //! socket threads wait for it. The scatter pushes them from a thread of its own, as a room on
 //! an arbiter does.
+//!
+//! A fan-out can also be given lanes (`use_lanes`): each socket thread runs a `Scatter` of its
+//! own (`start_this_threads_lane`), and a subscriber that joined with its thread's lane gets
+//! its frames through it. A frame then crosses to each thread once, with the list of that
+//! thread's subscribers, instead of once per subscriber; the lane hands it to each of them on
+//! their own thread, where waking a session is a local queue push rather than a locked
+//! cross-thread wake (and, for a sleeping thread, a system call).
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
@@ -22,12 +30,115 @@ use crate::protocol::Reason;
 pub struct Subscriber {
     pub user: Key,
     pub to: SessionAddr,
+    /// The lane of the subscriber's thread, if it runs on a socket thread.
+    pub lane: Option<Lane>,
+}
+
+/// A socket thread's `Scatter` (see the module's note).
+#[derive(Clone)]
+pub struct Lane {
+    /// The socket thread's index.
+    pub id: usize,
+    pub to: Addr<Scatter>,
+}
+
+thread_local! {
+    static LANE: RefCell<Option<Lane>> = const { RefCell::new(None) };
+}
+
+/// Starts this thread's lane: a `Scatter` on this thread's arbiter. Called once by each socket
+/// thread as it starts.
+pub fn start_this_threads_lane(id: usize, metrics: Metrics) {
+    let to = Scatter::new(metrics).start();
+    LANE.with(|l| *l.borrow_mut() = Some(Lane { id, to }));
+}
+
+/// The lane of the calling thread, if it is a socket thread.
+pub fn this_threads_lane() -> Option<Lane> {
+    LANE.with(|l| l.borrow().clone())
 }
 
 #[derive(Default)]
 pub struct Fanout {
-    subs: HashMap<SessionId, Subscriber>,
+    subs: HashMap<SessionId, Member>,
     scatter: Option<Scattering>,
+    /// Set by `use_lanes`: the lanes of the subscribers that have one.
+    lanes: Option<Lanes>,
+    /// Subscribers without a lane (all of them without lanes).
+    direct: usize,
+}
+
+/// A subscriber as a fan-out keeps it: its address here if it is sent to directly, or the id
+/// of the lane that holds its address.
+struct Member {
+    user: Key,
+    to: Option<SessionAddr>,
+    lane: Option<usize>,
+}
+
+/// The subscribers of a fan-out by lane, each lane's as the lane is given them.
+struct Lanes {
+    cutoff: Recipient<Cutoff>,
+    each: Vec<LaneSubs>,
+}
+
+struct LaneSubs {
+    id: usize,
+    to: Addr<Scatter>,
+    /// Shared with the frames in flight; changed in place once none holds it.
+    list: Recipients,
+}
+
+/// Subscribers as a scatter or a lane is given them: shared with the frames in flight, and
+/// each address shared too, so that copying the list while a frame holds it copies none.
+pub type Recipients = Arc<Vec<(SessionId, Arc<SessionAddr>)>>;
+
+impl Lanes {
+    /// Adds a subscriber (not in any lane) to its lane.
+    fn add(&mut self, session: SessionId, lane: &Lane, to: SessionAddr) {
+        let i = match self.each.iter().position(|l| l.id == lane.id) {
+            Some(i) => i,
+            None => {
+                self.each.push(LaneSubs {
+                    id: lane.id,
+                    to: lane.to.clone(),
+                    list: Arc::default(),
+                });
+                self.each.len() - 1
+            }
+        };
+        Arc::make_mut(&mut self.each[i].list).push((session, Arc::new(to)));
+    }
+
+    /// A scan, not an index: a session leaving a room costs a diff to every member anyway,
+    /// and an index would cost memory for every subscriber.
+    fn remove(&mut self, session: SessionId, lane: usize) {
+        let Some(l) = self.each.iter_mut().find(|l| l.id == lane) else {
+            return;
+        };
+        if let Some(at) = l.list.iter().position(|(s, _)| *s == session) {
+            Arc::make_mut(&mut l.list).swap_remove(at);
+        }
+    }
+
+    fn get(&self, session: SessionId, lane: usize) -> Option<(&LaneSubs, &Arc<SessionAddr>)> {
+        let l = self.each.iter().find(|l| l.id == lane)?;
+        let (_, to) = l.list.iter().find(|(s, _)| *s == session)?;
+        Some((l, to))
+    }
+
+    /// Hands `frame` to every lane with subscribers, once.
+    fn send(&self, frame: &ByteString, skip: &[SessionId], topic: &Arc<str>) {
+        for l in self.each.iter().filter(|l| !l.list.is_empty()) {
+            l.to.do_send(Scattered {
+                topic: topic.clone(),
+                frame: frame.clone(),
+                to: l.list.clone(),
+                skip: skip.to_vec(),
+                cutoff: self.cutoff.clone(),
+            });
+        }
+    }
 }
 
 /// Where a large fan-out sends its frames, and from when.
@@ -41,7 +152,7 @@ struct Scattering {
     /// must not overtake one the scatter still holds.
     on: bool,
     /// The subscribers as the scatter is given them, until they change.
-    list: Option<Arc<[(SessionId, SessionAddr)]>>,
+    list: Option<Recipients>,
 }
 
 /// Subscribers that could not take a frame, and why.
@@ -65,25 +176,71 @@ impl Fanout {
         });
     }
 
+    /// Sends the frames of subscribers that have a lane through it (see the module's note);
+    /// the lanes report the subscribers they cannot reach to `cutoff`. Not with `scatter_past`
+    /// (a frame must not overtake another by taking a different way): this is for fan-outs
+    /// without a scatter, and before any subscriber is inserted.
+    pub fn use_lanes(&mut self, cutoff: Recipient<Cutoff>) {
+        debug_assert!(self.subs.is_empty() && self.scatter.is_none());
+        if self.scatter.is_none() {
+            self.lanes = Some(Lanes {
+                cutoff,
+                each: Vec::new(),
+            });
+        }
+    }
+
     /// Whether frames go through a scatter.
     pub fn scattering(&self) -> bool {
         self.scatter.as_ref().is_some_and(|s| s.on)
     }
 
+    /// Adds a subscriber, or replaces it (a session that joins again keeps its place).
     pub fn insert(&mut self, session: SessionId, sub: Subscriber) {
-        self.subs.insert(session, sub);
+        self.remove_member(session);
+        let member = match (&mut self.lanes, sub.lane) {
+            (Some(lanes), Some(lane)) => {
+                lanes.add(session, &lane, sub.to);
+                Member {
+                    user: sub.user,
+                    to: None,
+                    lane: Some(lane.id),
+                }
+            }
+            _ => {
+                self.direct += 1;
+                Member {
+                    user: sub.user,
+                    to: Some(sub.to),
+                    lane: None,
+                }
+            }
+        };
+        self.subs.insert(session, member);
         if let Some(s) = &mut self.scatter {
             s.list = None;
             s.on |= self.subs.len() > s.past;
         }
     }
 
-    pub fn remove(&mut self, session: SessionId) -> Option<Subscriber> {
-        let sub = self.subs.remove(&session);
-        if let (Some(s), Some(_)) = (&mut self.scatter, &sub) {
+    /// Removes a subscriber; its user, if it was one.
+    pub fn remove(&mut self, session: SessionId) -> Option<Key> {
+        let (user, _) = self.remove_member(session)?;
+        if let Some(s) = &mut self.scatter {
             s.list = None;
         }
-        sub
+        Some(user)
+    }
+
+    /// Takes a subscriber out of `subs` and of its lane; its user, and its address if it was
+    /// sent to directly.
+    fn remove_member(&mut self, session: SessionId) -> Option<(Key, Option<SessionAddr>)> {
+        let m = self.subs.remove(&session)?;
+        match (m.lane, &mut self.lanes) {
+            (Some(lane), Some(lanes)) => lanes.remove(session, lane),
+            _ => self.direct -= 1,
+        }
+        Some((m.user, m.to))
     }
 
     pub fn contains(&self, session: SessionId) -> bool {
@@ -120,9 +277,14 @@ impl Fanout {
     ) -> Vec<Dropped> {
         if let Some(s) = self.scatter.as_mut().filter(|s| s.on) {
             let subs = &self.subs;
-            let list = s
-                .list
-                .get_or_insert_with(|| subs.iter().map(|(id, s)| (*id, s.to.clone())).collect());
+            let list = s.list.get_or_insert_with(|| {
+                // No lanes beside a scatter: every member has its address here.
+                Arc::new(
+                    subs.iter()
+                        .filter_map(|(id, m)| Some((*id, Arc::new(m.to.clone()?))))
+                        .collect(),
+                )
+            });
             s.to.do_send(Scattered {
                 topic: topic.clone(),
                 frame: frame.clone(),
@@ -132,17 +294,24 @@ impl Fanout {
             });
             return Vec::new();
         }
+        if let Some(lanes) = &self.lanes {
+            lanes.send(frame, skip, topic);
+        }
+        if self.direct == 0 {
+            return Vec::new();
+        }
         let mut dropped = Vec::new();
         let mut delivered = 0u64;
-        for (id, sub) in self.subs.iter() {
+        for (id, m) in self.subs.iter() {
+            let Some(to) = &m.to else { continue };
             if skip.contains(id) {
                 continue;
             }
-            match offer(&sub.to, topic, frame) {
+            match offer(to, topic, frame) {
                 Ok(()) => delivered += 1,
                 Err(slow) => dropped.push(Dropped {
                     session: *id,
-                    user: sub.user.clone(),
+                    user: m.user.clone(),
                     slow,
                 }),
             }
@@ -158,25 +327,40 @@ impl Fanout {
         topic: &Arc<str>,
         metrics: &Metrics,
     ) -> Vec<Dropped> {
-        let Some(sub) = self.subs.get(&session) else {
+        let Some(m) = self.subs.get(&session) else {
+            return Vec::new();
+        };
+        if let (Some(lane), Some(lanes)) = (m.lane, &self.lanes) {
+            if let Some((l, to)) = lanes.get(session, lane) {
+                l.to.do_send(Scattered {
+                    topic: topic.clone(),
+                    frame: frame.clone(),
+                    to: Arc::new(vec![(session, to.clone())]),
+                    skip: Vec::new(),
+                    cutoff: lanes.cutoff.clone(),
+                });
+            }
+            return Vec::new();
+        }
+        let Some(to) = &m.to else {
             return Vec::new();
         };
         if let Some(s) = self.scatter.as_ref().filter(|s| s.on) {
             s.to.do_send(Scattered {
                 topic: topic.clone(),
                 frame: frame.clone(),
-                to: Arc::new([(session, sub.to.clone())]),
+                to: Arc::new(vec![(session, Arc::new(to.clone()))]),
                 skip: Vec::new(),
                 cutoff: s.cutoff.clone(),
             });
             return Vec::new();
         }
-        match offer(&sub.to, topic, frame) {
+        match offer(to, topic, frame) {
             Ok(()) => self.settle(1, Vec::new(), topic, metrics),
             Err(slow) => {
                 let d = Dropped {
                     session,
-                    user: sub.user.clone(),
+                    user: m.user.clone(),
                     slow,
                 };
                 self.settle(0, vec![d], topic, metrics)
@@ -194,10 +378,15 @@ impl Fanout {
     ) -> Vec<Dropped> {
         metrics.deliveries.inc_by(delivered);
         for d in &dropped {
-            if let Some(sub) = self.subs.remove(&d.session) {
+            if let Some((_, Some(to))) = self.remove_member(d.session) {
                 if d.slow {
-                    evict_slow(&sub.to, topic, metrics);
+                    evict_slow(&to, topic, metrics);
                 }
+            }
+        }
+        if !dropped.is_empty() {
+            if let Some(s) = &mut self.scatter {
+                s.list = None;
             }
         }
         dropped
@@ -210,7 +399,7 @@ impl Fanout {
 pub struct Scattered {
     pub topic: Arc<str>,
     pub frame: ByteString,
-    pub to: Arc<[(SessionId, SessionAddr)]>,
+    pub to: Recipients,
     pub skip: Vec<SessionId>,
     pub cutoff: Recipient<Cutoff>,
 }
@@ -393,6 +582,7 @@ pub(crate) mod tests {
         let sub = Subscriber {
             user: "u".into(),
             to: addr.recipient(),
+            lane: None,
         };
         (seen, sub)
     }
@@ -482,5 +672,102 @@ pub(crate) mod tests {
             "the gone one: {cut:?}"
         );
         assert!(cut.iter().all(|(s, _)| *s != SessionId(1)));
+    }
+
+    /// A fan-out with lanes, its metrics, a topic, two lanes, and what the lanes report.
+    fn with_lanes() -> (Fanout, Metrics, Arc<str>, [Lane; 2], Reported) {
+        let metrics = Metrics::new(&prometheus::Registry::new());
+        let lane = |id| Lane {
+            id,
+            to: Scatter::new(metrics.clone()).start(),
+        };
+        let lanes = [lane(0), lane(1)];
+        let cuts = Cuts::default();
+        let reported = cuts.0.clone();
+        let mut fan = Fanout::default();
+        fan.use_lanes(cuts.start().recipient());
+        (fan, metrics, "room:lobby".into(), lanes, reported)
+    }
+
+    fn on(lane: &Lane, mut sub: Subscriber) -> Subscriber {
+        sub.lane = Some(lane.clone());
+        sub
+    }
+
+    /// Subscribers on lanes and direct ones side by side: each gets every frame meant for it
+    /// once and in order, through a removal, a skip, a frame for one, and a subscriber that
+    /// joins again.
+    #[actix_rt::test]
+    async fn frames_through_lanes_reach_each_subscriber_once_and_in_order() {
+        let (mut fan, metrics, topic, [l0, l1], reported) = with_lanes();
+        let (a, sub_a) = session(Kind::Reads);
+        let (b, sub_b) = session(Kind::Reads);
+        let (c, sub_c) = session(Kind::Reads);
+        let (d, sub_d) = session(Kind::Reads);
+        let c_again = sub_c.to.clone();
+        fan.insert(SessionId(1), on(&l0, sub_a));
+        fan.insert(SessionId(2), on(&l1, sub_b));
+        fan.insert(SessionId(3), on(&l0, sub_c));
+        fan.insert(SessionId(4), sub_d);
+        settle().await;
+
+        fan.send(&frame("1"), None, &topic, &metrics);
+        fan.send(&frame("2"), Some(SessionId(2)), &topic, &metrics);
+        fan.send_one(SessionId(3), &frame("3 for c"), &topic, &metrics);
+        assert!(fan.remove(SessionId(1)).is_some());
+        fan.send(&frame("4"), None, &topic, &metrics);
+        // A duplicate join: the same session, from its own thread's lane.
+        let again = Subscriber {
+            user: "u".into(),
+            to: c_again,
+            lane: Some(l0.clone()),
+        };
+        fan.insert(SessionId(3), again);
+        fan.send(&frame("5"), None, &topic, &metrics);
+        settle().await;
+
+        assert_eq!(*a.borrow(), ["1", "2"]);
+        assert_eq!(*b.borrow(), ["1", "4", "5"]);
+        assert_eq!(*c.borrow(), ["1", "2", "3 for c", "4", "5"]);
+        assert_eq!(*d.borrow(), ["1", "2", "4", "5"]);
+        assert_eq!(metrics.deliveries.get(), 14);
+        assert_eq!(fan.len(), 3);
+        assert!(reported.borrow().is_empty());
+    }
+
+    /// A lane cuts off a subscriber whose mailbox is full and reports it, and one that is
+    /// gone; once the fan-out drops them (as a room does on `Cutoff`), nothing more is sent
+    /// to them.
+    #[actix_rt::test]
+    async fn a_lane_reports_the_subscribers_it_cannot_reach() {
+        let (mut fan, metrics, topic, [l0, _], reported) = with_lanes();
+        let (ok, sub_ok) = session(Kind::Reads);
+        let (_, sub_stuck) = session(Kind::Stuck);
+        let (_, sub_gone) = session(Kind::Gone);
+        fan.insert(SessionId(1), on(&l0, sub_ok));
+        fan.insert(SessionId(2), on(&l0, sub_stuck));
+        fan.insert(SessionId(3), on(&l0, sub_gone));
+        settle().await;
+        for i in 0..4 {
+            fan.send(&frame(&i.to_string()), None, &topic, &metrics);
+        }
+        settle().await;
+        let cut = reported.borrow().clone();
+        assert!(cut.contains(&(SessionId(2), true)), "{cut:?}");
+        assert!(cut.contains(&(SessionId(3), false)), "{cut:?}");
+        assert_eq!(
+            metrics
+                .outbound_drops
+                .with_label_values(&["slow_consumer"])
+                .get(),
+            1
+        );
+        for (s, _) in &cut {
+            fan.remove(*s);
+        }
+        fan.send(&frame("last"), None, &topic, &metrics);
+        settle().await;
+        assert_eq!(*ok.borrow(), ["0", "1", "2", "3", "last"]);
+        assert_eq!(fan.len(), 1);
     }
 }

@@ -33,6 +33,9 @@ pub struct Join {
     pub user: Key,
     pub arrival: Arrival,
     pub to: SessionAddr,
+    /// The lane of the session's socket thread (`fanout::this_threads_lane`), if any: the
+    /// room's frames to it go through that lane.
+    pub lane: Option<crate::fanout::Lane>,
 }
 
 /// A successful join: the meta's ref and the `presence_state` payload, already serialised.

@@ -533,9 +533,12 @@ impl Actor for RoomActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(self.cfg.limits.max_outbound.max(1024));
         self.metrics.rooms.inc();
-        if let Some(to) = self.scatter.take() {
-            self.subs
-                .scatter_past(self.cfg.scatter_past, to, ctx.address().recipient());
+        match self.scatter.take() {
+            Some(to) => {
+                self.subs
+                    .scatter_past(self.cfg.scatter_past, to, ctx.address().recipient())
+            }
+            None => self.subs.use_lanes(ctx.address().recipient()),
         }
         if let Some(rx) = self.recovery.take() {
             let wait =
@@ -560,6 +563,7 @@ impl Actor for RoomActor {
                             Subscriber {
                                 user: m.user,
                                 to: m.to,
+                                lane: None,
                             },
                         );
                     }
@@ -617,6 +621,7 @@ impl Handler<Join> for RoomActor {
             Subscriber {
                 user: msg.user,
                 to: msg.to,
+                lane: msg.lane,
             },
         );
         self.emit(out.diff, Some(session), ctx);
@@ -712,9 +717,9 @@ impl Handler<Cutoff> for RoomActor {
             .sessions
             .into_iter()
             .filter_map(|(session, slow)| {
-                self.subs.remove(session).map(|sub| Dropped {
+                self.subs.remove(session).map(|user| Dropped {
                     session,
-                    user: sub.user,
+                    user,
                     slow,
                 })
             })
@@ -1000,6 +1005,7 @@ mod tests {
                 fields: Arc::new(serde_json::Map::new()),
             },
             to,
+            lane: None,
         })
     }
 

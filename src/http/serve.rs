@@ -83,6 +83,8 @@ pub struct ServeConfig {
     /// The process runs under `SCHED_BATCH` (`server.scheduling`): each HTTP worker puts
     /// itself back under the default policy as it starts.
     pub workers_on_default_policy: bool,
+    /// Called on each socket thread as it starts, with its index (the thread's fan-out lane).
+    pub on_socket_thread: Arc<dyn Fn(usize) + Send + Sync>,
 }
 
 /// The running server and its socket threads.
@@ -232,13 +234,15 @@ where
     let shutdown = builder.graceful_shutdown_signal();
 
     let mut threads = Vec::new();
-    for _ in 0..cfg.socket_threads.max(1) {
+    for index in 0..cfg.socket_threads.max(1) {
         let arbiter = Arbiter::new();
         let (inbox, rx) = mpsc::unbounded_channel();
         let live = Arc::new(AtomicUsize::new(0));
         let (make_app, shutdown, count) = (make_app.clone(), shutdown.clone(), live.clone());
+        let started = cfg.on_socket_thread.clone();
         // The service is built on the thread that runs it (it is not `Send`).
         arbiter.spawn_fn(move || {
+            started(index);
             let factory = http_service(make_app(), addr, shutdown);
             actix_rt::spawn(socket_thread(rx, factory, count));
         });

@@ -550,6 +550,9 @@ impl SessionActor {
             user: self.user.clone(),
             arrival: arrival.clone(),
             to: Self::addr_recipient(ctx),
+            // This actor runs on its socket thread (if it is on one): the room's frames reach
+            // it through that thread's lane.
+            lane: presence_actors::fanout::this_threads_lane(),
         };
         let registry = self.registry.clone();
         let account = self.account.clone();
@@ -580,6 +583,7 @@ impl SessionActor {
                     user: join.user.clone(),
                     arrival: join.arrival.clone(),
                     to: join.to.clone(),
+                    lane: join.lane.clone(),
                 };
                 match addr.send(j).await {
                     Ok(res) => return res.map(|joined| (addr, joined)),
