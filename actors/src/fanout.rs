@@ -195,7 +195,7 @@ impl Fanout {
         self.scatter.as_ref().is_some_and(|s| s.on)
     }
 
-    /// Adds a subscriber, or replaces it (a session that joins again keeps its place).
+    /// Adds a subscriber, or replaces it (a session that joins again).
     pub fn insert(&mut self, session: SessionId, sub: Subscriber) {
         self.remove_member(session);
         let member = match (&mut self.lanes, sub.lane) {
