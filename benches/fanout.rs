@@ -7,6 +7,10 @@
 //! - `delivered/N`: until every recipient has handled the frame (the room's loop plus the
 //!   receivers' work on the other core).
 //!
+//! `send_lanes/N` and `delivered_lanes/N` are the same with the recipients' thread running a
+//! lane (`fanout::Lane`), as a socket thread does: the room's side is one message to the lane,
+//! and the lane hands the frame to each recipient on their thread.
+//!
 //! Run: `cargo bench --bench fanout`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,7 +20,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use bytestring::ByteString;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use presence_actors::fanout::{Fanout, Subscriber};
+use presence_actors::fanout::{Cutoff, Fanout, Lane, Scatter, Subscriber};
 use presence_actors::messages::{SessionAddr, ToSession};
 use presence_actors::presence::{Arrival, Key, PresenceSet, Ref, SessionId};
 use presence_actors::protocol;
@@ -40,14 +44,35 @@ impl Handler<ToSession> for Counter {
     }
 }
 
-/// Starts `n` counters on a new thread with its own actix System; returns their recipients.
-fn recipients(n: usize, frames: &Arc<AtomicU64>) -> Vec<SessionAddr> {
+/// Reports of recipients a lane could not reach: none are expected here.
+struct NoCutoffs;
+
+impl Actor for NoCutoffs {
+    type Context = Context<Self>;
+}
+
+impl Handler<Cutoff> for NoCutoffs {
+    type Result = ();
+    fn handle(&mut self, msg: Cutoff, _: &mut Context<Self>) {
+        panic!("{} recipients cut off", msg.sessions.len());
+    }
+}
+
+/// `n` counters started on a new thread with its own actix System, and that thread's lane:
+/// their recipients, the lane, and where the lane reports cut-offs.
+struct Recipients {
+    to: Vec<SessionAddr>,
+    lane: Lane,
+    cutoff: Recipient<Cutoff>,
+}
+
+fn recipients(n: usize, frames: &Arc<AtomicU64>, metrics: &Metrics) -> Recipients {
     let (tx, rx) = mpsc::channel();
-    let frames = frames.clone();
+    let (frames, metrics) = (frames.clone(), metrics.clone());
     std::thread::spawn(move || {
         let sys = System::new();
         sys.block_on(async move {
-            let addrs: Vec<SessionAddr> = (0..n)
+            let to: Vec<SessionAddr> = (0..n)
                 .map(|_| {
                     let frames = frames.clone();
                     Counter::create(move |ctx| {
@@ -59,7 +84,13 @@ fn recipients(n: usize, frames: &Arc<AtomicU64>) -> Vec<SessionAddr> {
                     .recipient()
                 })
                 .collect();
-            tx.send(addrs).expect("bench alive");
+            let lane = Lane {
+                id: 0,
+                to: Scatter::new(metrics).start(),
+            };
+            let cutoff = NoCutoffs.start().recipient();
+            tx.send(Recipients { to, lane, cutoff })
+                .unwrap_or_else(|_| panic!("bench alive"));
         });
         sys.run().ok();
     });
@@ -110,46 +141,50 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("fanout");
     for n in [100usize, 1_000, 10_000] {
         let frames = Arc::new(AtomicU64::new(0));
-        let mut fan = Fanout::default();
-        for (i, to) in recipients(n, &frames).into_iter().enumerate() {
-            fan.insert(
-                SessionId(i as u64),
-                Subscriber {
-                    user: format!("user-{i:06}").into(),
-                    to,
-                    lane: None,
-                },
-            );
+        let r = recipients(n, &frames, &metrics);
+        let (mut direct, mut laned) = (Fanout::default(), Fanout::default());
+        laned.use_lanes(r.cutoff.clone());
+        for (i, to) in r.to.into_iter().enumerate() {
+            let user: presence_actors::presence::Key = format!("user-{i:06}").into();
+            let sub = |to, lane| Subscriber {
+                user: user.clone(),
+                to,
+                lane,
+            };
+            direct.insert(SessionId(i as u64), sub(to.clone(), None));
+            laned.insert(SessionId(i as u64), sub(to, Some(r.lane.clone())));
         }
         g.throughput(Throughput::Elements(n as u64));
-        g.bench_function(BenchmarkId::new("send", n), |b| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                let mut expect = frames.load(Ordering::Relaxed);
-                for _ in 0..iters {
+        for (name, fan) in [("", &mut direct), ("_lanes", &mut laned)] {
+            g.bench_function(BenchmarkId::new(format!("send{name}"), n), |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    let mut expect = frames.load(Ordering::Relaxed);
+                    for _ in 0..iters {
+                        let t = Instant::now();
+                        let dropped = fan.send(&frame, None, &topic, &metrics);
+                        total += t.elapsed();
+                        assert!(dropped.is_empty(), "{} dropped", dropped.len());
+                        expect += n as u64;
+                        wait_for(&frames, expect);
+                    }
+                    total
+                })
+            });
+            g.bench_function(BenchmarkId::new(format!("delivered{name}"), n), |b| {
+                b.iter_custom(|iters| {
+                    let mut expect = frames.load(Ordering::Relaxed);
                     let t = Instant::now();
-                    let dropped = fan.send(&frame, None, &topic, &metrics);
-                    total += t.elapsed();
-                    assert!(dropped.is_empty(), "{} dropped", dropped.len());
-                    expect += n as u64;
-                    wait_for(&frames, expect);
-                }
-                total
-            })
-        });
-        g.bench_function(BenchmarkId::new("delivered", n), |b| {
-            b.iter_custom(|iters| {
-                let mut expect = frames.load(Ordering::Relaxed);
-                let t = Instant::now();
-                for _ in 0..iters {
-                    let dropped = fan.send(&frame, None, &topic, &metrics);
-                    assert!(dropped.is_empty(), "{} dropped", dropped.len());
-                    expect += n as u64;
-                    wait_for(&frames, expect);
-                }
-                t.elapsed()
-            })
-        });
+                    for _ in 0..iters {
+                        let dropped = fan.send(&frame, None, &topic, &metrics);
+                        assert!(dropped.is_empty(), "{} dropped", dropped.len());
+                        expect += n as u64;
+                        wait_for(&frames, expect);
+                    }
+                    t.elapsed()
+                })
+            });
+        }
     }
     g.finish();
 }
