@@ -2,7 +2,9 @@
 //!
 //! A room is started by the registry on one of the engine's arbiters, or on a socket thread
 //! (`registry::PlaceRooms`); there, past `EngineConfig::scatter_past` members, its frames are
-//! pushed from an arbiter by a `fanout::Scatter`. It owns its `PresenceSet`;
+//! pushed from an arbiter by a `fanout::Scatter`. On an arbiter, it hands each frame once to
+//! each socket thread its members joined from, through that thread's lane (`fanout::Lane`).
+//! It owns its `PresenceSet`;
 //! every change becomes a `presence_diff` frame, serialised once and shared by all members; the
 //! changes handled in one drain of its mailbox share one frame, and a room in a storm of joins
 //! and leaves sends them at a paced rate, each frame with all since the last (see
