@@ -42,6 +42,12 @@ pub struct Lane {
     pub to: Addr<Scatter>,
 }
 
+impl std::fmt::Debug for Lane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Lane({})", self.id)
+    }
+}
+
 thread_local! {
     static LANE: RefCell<Option<Lane>> = const { RefCell::new(None) };
 }

@@ -100,6 +100,8 @@ pub struct RoomMembership {
     pub user: Key,
     pub meta: Meta,
     pub to: SessionAddr,
+    /// The lane of the session's socket thread, as in `Join`.
+    pub lane: Option<crate::fanout::Lane>,
 }
 
 /// A session's stake in its account, reported to a restarted account actor.

@@ -994,6 +994,7 @@ pub(crate) mod tests {
                         fields: Arc::default(),
                     },
                     to: ctx.address().recipient(),
+                    lane: None,
                 }),
                 ReportMembership::Account { .. } => Report::None,
             }

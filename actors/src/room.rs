@@ -565,7 +565,7 @@ impl Actor for RoomActor {
                             Subscriber {
                                 user: m.user,
                                 to: m.to,
-                                lane: None,
+                                lane: m.lane,
                             },
                         );
                     }

@@ -1079,6 +1079,8 @@ impl Handler<ReportMembership> for SessionActor {
                             user: self.user.clone(),
                             meta: m.clone(),
                             to: ctx.address().recipient(),
+                            // Answered on this session's thread: its lane, as at the join.
+                            lane: presence_actors::fanout::this_threads_lane(),
                         })
                     }
                     // Still joining: the in-flight join fails over to the new room by itself.
