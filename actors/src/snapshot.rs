@@ -3,7 +3,7 @@
 //! answers from its own thread in microseconds, so nobody waits on I/O), and a restore is plain
 //! data that the registry hands to the accounts and rooms it starts.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -144,6 +144,35 @@ impl EngineSnapshot {
     /// Actors left out of this snapshot.
     pub fn missed(&self) -> usize {
         self.missed_accounts.len() + self.missed_rooms.len()
+    }
+
+    /// The actors left out of this snapshot, to look entries up against.
+    pub fn missed_set(&self) -> MissedSet<'_> {
+        MissedSet {
+            accounts: self.missed_accounts.iter().map(|m| &*m.account).collect(),
+            rooms: self
+                .missed_rooms
+                .iter()
+                .map(|(a, r)| (&**a, &**r))
+                .collect(),
+        }
+    }
+}
+
+/// The accounts and rooms a snapshot missed (`EngineSnapshot::missed_set`): what a reader
+/// of the snapshot must not take for empty.
+pub struct MissedSet<'a> {
+    accounts: HashSet<&'a str>,
+    rooms: HashSet<(&'a str, &'a str)>,
+}
+
+impl MissedSet<'_> {
+    pub fn account(&self, account: &str) -> bool {
+        self.accounts.contains(account)
+    }
+
+    pub fn room(&self, account: &str, room: &str) -> bool {
+        self.rooms.contains(&(account, room))
     }
 }
 

@@ -713,24 +713,17 @@ impl Driver {
         fresh: &[(String, String)],
     ) -> Vec<String> {
         let fresh: HashSet<&str> = fresh.iter().map(|(k, _)| k.as_str()).collect();
-        let missed_accounts: HashSet<&str> =
-            snap.missed_accounts.iter().map(|m| &*m.account).collect();
-        let missed_rooms: HashSet<(&str, &str)> = snap
-            .missed_rooms
-            .iter()
-            .map(|(a, r)| (&**a, &**r))
-            .collect();
+        let missed = snap.missed_set();
         let mut stale = Vec::new();
         for f in old {
             if fresh.contains(f.as_str()) {
                 continue;
             }
             match wire::parse_field(&f) {
-                Some((Scope::Account { account }, _)) if missed_accounts.contains(&*account) => {
+                Some((Scope::Account { account }, _)) if missed.account(&account) => {
                     self.own_sessions.insert(f);
                 }
-                Some((Scope::Room { account, room }, _))
-                    if missed_rooms.contains(&(&*account, &*room)) => {}
+                Some((Scope::Room { account, room }, _)) if missed.room(&account, &room) => {}
                 // `__epoch` and `__seq` are written again below.
                 _ => stale.push(f),
             }

@@ -585,20 +585,12 @@ impl Writer {
         if snap.missed() == 0 {
             return HashSet::new();
         }
-        let accounts: HashSet<&str> = snap.missed_accounts.iter().map(|m| &*m.account).collect();
-        let rooms: HashSet<(&str, &str)> = snap
-            .missed_rooms
-            .iter()
-            .map(|(a, r)| (&**a, &**r))
-            .collect();
+        let missed = snap.missed_set();
         self.committed
             .iter()
             .filter(|(_, h)| {
-                accounts.contains(&*h.account)
-                    || h.places
-                        .iter()
-                        .skip(1)
-                        .any(|p| rooms.contains(&(&*h.account, &**p)))
+                missed.account(&h.account)
+                    || h.places.iter().skip(1).any(|p| missed.room(&h.account, p))
             })
             .map(|(s, _)| *s)
             .collect()
