@@ -74,12 +74,18 @@ pub struct Fanout {
     direct: usize,
 }
 
-/// A subscriber as a fan-out keeps it: its address here if it is sent to directly, or the id
-/// of the lane that holds its address.
+/// A subscriber as a fan-out keeps it.
 struct Member {
     user: Key,
-    to: Option<SessionAddr>,
-    lane: Option<usize>,
+    reach: Reach,
+}
+
+/// How a fan-out reaches a subscriber.
+enum Reach {
+    /// Sent to directly (or through the scatter), at this address.
+    Direct(SessionAddr),
+    /// Through the lane of this id, which holds its address.
+    Lane(usize),
 }
 
 /// The subscribers of a fan-out by lane, each lane's as the lane is given them.
@@ -204,25 +210,18 @@ impl Fanout {
     /// Adds a subscriber, or replaces it (a session that joins again).
     pub fn insert(&mut self, session: SessionId, sub: Subscriber) {
         self.remove_member(session);
-        let member = match (&mut self.lanes, sub.lane) {
+        let reach = match (&mut self.lanes, sub.lane) {
             (Some(lanes), Some(lane)) => {
                 lanes.add(session, &lane, sub.to);
-                Member {
-                    user: sub.user,
-                    to: None,
-                    lane: Some(lane.id),
-                }
+                Reach::Lane(lane.id)
             }
             _ => {
                 self.direct += 1;
-                Member {
-                    user: sub.user,
-                    to: Some(sub.to),
-                    lane: None,
-                }
+                Reach::Direct(sub.to)
             }
         };
-        self.subs.insert(session, member);
+        let user = sub.user;
+        self.subs.insert(session, Member { user, reach });
         if let Some(s) = &mut self.scatter {
             s.list = None;
             s.on |= self.subs.len() > s.past;
@@ -242,11 +241,19 @@ impl Fanout {
     /// sent to directly.
     fn remove_member(&mut self, session: SessionId) -> Option<(Key, Option<SessionAddr>)> {
         let m = self.subs.remove(&session)?;
-        match (m.lane, &mut self.lanes) {
-            (Some(lane), Some(lanes)) => lanes.remove(session, lane),
-            _ => self.direct -= 1,
-        }
-        Some((m.user, m.to))
+        let to = match m.reach {
+            Reach::Lane(lane) => {
+                if let Some(lanes) = &mut self.lanes {
+                    lanes.remove(session, lane);
+                }
+                None
+            }
+            Reach::Direct(to) => {
+                self.direct -= 1;
+                Some(to)
+            }
+        };
+        Some((m.user, to))
     }
 
     pub fn contains(&self, session: SessionId) -> bool {
@@ -284,10 +291,13 @@ impl Fanout {
         if let Some(s) = self.scatter.as_mut().filter(|s| s.on) {
             let subs = &self.subs;
             let list = s.list.get_or_insert_with(|| {
-                // No lanes beside a scatter: every member has its address here.
+                // No lanes beside a scatter: every member is direct.
                 Arc::new(
                     subs.iter()
-                        .filter_map(|(id, m)| Some((*id, Arc::new(m.to.clone()?))))
+                        .filter_map(|(id, m)| match &m.reach {
+                            Reach::Direct(to) => Some((*id, Arc::new(to.clone()))),
+                            Reach::Lane(_) => None,
+                        })
                         .collect(),
                 )
             });
@@ -309,7 +319,9 @@ impl Fanout {
         let mut dropped = Vec::new();
         let mut delivered = 0u64;
         for (id, m) in self.subs.iter() {
-            let Some(to) = &m.to else { continue };
+            let Reach::Direct(to) = &m.reach else {
+                continue;
+            };
             if skip.contains(id) {
                 continue;
             }
@@ -336,20 +348,21 @@ impl Fanout {
         let Some(m) = self.subs.get(&session) else {
             return Vec::new();
         };
-        if let (Some(lane), Some(lanes)) = (m.lane, &self.lanes) {
-            if let Some((l, to)) = lanes.get(session, lane) {
-                l.to.do_send(Scattered {
-                    topic: topic.clone(),
-                    frame: frame.clone(),
-                    to: Arc::new(vec![(session, to.clone())]),
-                    skip: Vec::new(),
-                    cutoff: lanes.cutoff.clone(),
-                });
+        let to = match (&m.reach, &self.lanes) {
+            (Reach::Direct(to), _) => to,
+            (Reach::Lane(lane), Some(lanes)) => {
+                if let Some((l, to)) = lanes.get(session, *lane) {
+                    l.to.do_send(Scattered {
+                        topic: topic.clone(),
+                        frame: frame.clone(),
+                        to: Arc::new(vec![(session, to.clone())]),
+                        skip: Vec::new(),
+                        cutoff: lanes.cutoff.clone(),
+                    });
+                }
+                return Vec::new();
             }
-            return Vec::new();
-        }
-        let Some(to) = &m.to else {
-            return Vec::new();
+            (Reach::Lane(_), None) => return Vec::new(),
         };
         if let Some(s) = self.scatter.as_ref().filter(|s| s.on) {
             s.to.do_send(Scattered {
