@@ -683,12 +683,7 @@ impl Handler<Stall> for AccountActor {
     type Result = ();
 
     fn handle(&mut self, msg: Stall, _: &mut Context<Self>) {
-        log::warn!(
-            "account {} stalls its thread for {} ms on purpose (chaos hook)",
-            self.id,
-            msg.0.as_millis()
-        );
-        std::thread::sleep(msg.0);
+        msg.hold(format_args!("account {}", self.id));
     }
 }
 

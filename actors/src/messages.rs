@@ -94,6 +94,17 @@ pub struct Crash;
 #[rtype(result = "()")]
 pub struct Stall(pub std::time::Duration);
 
+impl Stall {
+    /// Holds the calling thread (the actor's, `who`) for the stall's time, saying so.
+    pub(crate) fn hold(&self, who: std::fmt::Arguments<'_>) {
+        log::warn!(
+            "{who} stalls its thread for {} ms on purpose (chaos hook)",
+            self.0.as_millis()
+        );
+        std::thread::sleep(self.0);
+    }
+}
+
 /// A session's stake in a room, reported to a restarted room so it can rebuild its state.
 #[derive(Debug, Clone)]
 pub struct RoomMembership {

@@ -1041,18 +1041,23 @@ pub(crate) mod tests {
         }
     }
 
+    /// Account `acc` and its room `lobby`, both crashed (dead slots of these generations).
+    fn dead_account_and_room(registry: &mut Registry, account_gen: u64, room_gen: u64) {
+        let (account, room): (Arc<str>, Arc<str>) = ("acc".into(), "lobby".into());
+        registry
+            .rooms
+            .insert((account.clone(), room), dead_slot(room_gen));
+        registry.rooms_per_account.insert(account.clone(), 1);
+        registry.accounts.insert(account, dead_slot(account_gen));
+    }
+
     /// A snapshot names the actors that did not answer it, so that a writer does not take
     /// their sessions for gone: here an account and a room (one being rebuilt, so asked) whose
     /// actors are dead, beside a live account that answers.
     #[actix_rt::test]
     async fn a_snapshot_names_the_actors_it_missed() {
         let mut registry = registry(60_000);
-        let (account, room): (Arc<str>, Arc<str>) = ("acc".into(), "lobby".into());
-        registry
-            .rooms
-            .insert((account.clone(), room.clone()), dead_slot(1));
-        registry.rooms_per_account.insert(account.clone(), 1);
-        registry.accounts.insert(account.clone(), dead_slot(1));
+        dead_account_and_room(&mut registry, 1, 1);
         let registry = registry.start();
         connect(&registry, 2, "other", "bob").await;
 
@@ -1065,7 +1070,7 @@ pub(crate) mod tests {
         .expect("registry answers");
         let missed: Vec<&str> = snap.missed_accounts.iter().map(|m| &*m.account).collect();
         assert_eq!(missed, ["acc"]);
-        assert_eq!(snap.missed_rooms, [(account, room)]);
+        assert_eq!(snap.missed_rooms, [("acc".into(), "lobby".into())]);
         assert_eq!(snap.missed(), 2);
         let answered: Vec<&str> = snap.accounts.iter().map(|a| &*a.account).collect();
         assert_eq!(answered, ["other"]);
@@ -1078,12 +1083,8 @@ pub(crate) mod tests {
     async fn an_actor_found_dead_before_its_down_notice_is_restarted_with_its_members() {
         let mut registry = registry(60_000);
         let directory = registry.directory();
+        dead_account_and_room(&mut registry, 8, 7);
         let (account, room): (Arc<str>, Arc<str>) = ("acc".into(), "lobby".into());
-        registry
-            .rooms
-            .insert((account.clone(), room.clone()), dead_slot(7));
-        registry.rooms_per_account.insert(account.clone(), 1);
-        registry.accounts.insert(account.clone(), dead_slot(8));
         let registry = registry.start();
         let account_addr = connect(&registry, 1, &account, "ann")
             .await
