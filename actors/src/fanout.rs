@@ -12,7 +12,9 @@
 //! its frames through it. A frame then crosses to each thread once, with the list of that
 //! thread's subscribers, instead of once per subscriber; the lane hands it to each of them on
 //! their own thread, where waking a session is a local queue push rather than a locked
-//! cross-thread wake (and, for a sleeping thread, a system call).
+//! cross-thread wake (and, for a sleeping thread, a system call). A session that opened an
+//! outbox on that thread (`outbox`, as the server's sessions do) gets the frame there rather
+//! than through its mailbox.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -479,7 +481,10 @@ impl Handler<Scattered> for Scatter {
             if msg.skip.contains(id) || self.cut.contains(id) {
                 continue;
             }
-            match offer(to, &msg.topic, &msg.frame) {
+            // A lane finds its thread's sessions' outboxes; anyone else goes by mailbox.
+            let offered = crate::outbox::offer(*id, &msg.topic, &msg.frame)
+                .unwrap_or_else(|| offer(to, &msg.topic, &msg.frame));
+            match offered {
                 Ok(()) => delivered += 1,
                 Err(slow) => {
                     if slow {

@@ -13,8 +13,9 @@
 //!   rooms (`Join`, `SetStatus`, `Broadcast`, `Leave`) and follows `account:<id>` (`Subscribe`).
 //!   The session is the source of truth for its own memberships.
 //! - Rooms and accounts own presence (`presence::PresenceSet`) and fan diffs out through a
-//!   bounded `fanout::Fanout`: `try_send` into each session's bounded mailbox; a full mailbox
-//!   cuts the session off as a slow consumer instead of growing memory.
+//!   bounded `fanout::Fanout`: `try_send` into each session's bounded mailbox, or, through the
+//!   lane of the session's socket thread, a push into its bounded `outbox`; a full one cuts the
+//!   session off as a slow consumer instead of growing memory.
 //! - Let it crash: a room or account that panics is dropped by its arbiter; its `DeathNotice`
 //!   tells the registry, which starts the next generation paused, asks every live session of the
 //!   account for its stake (`ReportMembership`), rebuilds the same presence (same refs), and
@@ -26,6 +27,7 @@ pub mod config;
 pub mod fanout;
 pub mod messages;
 pub mod metrics;
+pub mod outbox;
 pub mod pace;
 pub mod presence;
 pub mod protocol;

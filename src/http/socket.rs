@@ -20,6 +20,7 @@ use presence_actors::messages::{
     AccountMembership, Broadcast, Join, Leave, Report, ReportMembership, RoomMembership, SetStatus,
     ToSession,
 };
+use presence_actors::outbox::{self, Outgoing};
 use presence_actors::presence::{Arrival, Departure, Key, Meta, SessionId};
 use presence_actors::protocol::{self, InFrame, Reason};
 use presence_actors::registry::{RegisterSession, Registry, ResolveRoom, UnregisterSession};
@@ -926,6 +927,10 @@ impl Actor for SessionActor {
 
     fn started(&mut self, ctx: &mut Ctx) {
         ctx.set_mailbox_capacity(self.cfg.limits.max_outbound);
+        // On a socket thread, its lane delivers room frames into the session's outbox.
+        if presence_actors::fanout::this_threads_lane().is_some() {
+            ctx.add_stream(outbox::open(self.id, self.cfg.limits.max_outbound));
+        }
         self.metrics.connections.inc();
         log::debug!(
             "session {} opened: account {}, user {}",
@@ -1084,6 +1089,16 @@ impl SessionActor {
             None => ctx.text(frame),
         }
     }
+}
+
+/// Frames from this thread's lane, through the session's outbox (`presence_actors::outbox`).
+impl StreamHandler<Outgoing> for SessionActor {
+    fn handle(&mut self, item: Outgoing, ctx: &mut Ctx) {
+        self.deliver(ctx, &item.topic, item.frame);
+    }
+
+    /// An outbox never ends; nothing to do if it did.
+    fn finished(&mut self, _: &mut Ctx) {}
 }
 
 impl Handler<ReportMembership> for SessionActor {
