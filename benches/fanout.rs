@@ -9,7 +9,9 @@
 //!
 //! `send_lanes/N` and `delivered_lanes/N` are the same with the recipients' thread running a
 //! lane (`fanout::Lane`), as a socket thread does: the room's side is one message to the lane,
-//! and the lane hands the frame to each recipient on their thread.
+//! and the lane hands the frame to each recipient on their thread, through their mailboxes.
+//! `delivered_outboxes/N`: the same again with each recipient draining an outbox
+//! (`presence_actors::outbox`), as a session on a socket thread does.
 //!
 //! Run: `cargo bench --bench fanout`.
 
@@ -22,6 +24,7 @@ use bytestring::ByteString;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use presence_actors::fanout::{Cutoff, Fanout, Lane, Scatter, Subscriber};
 use presence_actors::messages::{SessionAddr, ToSession};
+use presence_actors::outbox::{self, Outgoing};
 use presence_actors::presence::{Arrival, Key, PresenceSet, Ref, SessionId};
 use presence_actors::protocol;
 use presence_actors::Metrics;
@@ -44,6 +47,13 @@ impl Handler<ToSession> for Counter {
     }
 }
 
+impl StreamHandler<Outgoing> for Counter {
+    fn handle(&mut self, item: Outgoing, _: &mut Context<Self>) {
+        std::hint::black_box(item.frame.len());
+        self.frames.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// Reports of recipients a lane could not reach: none are expected here.
 struct NoCutoffs;
 
@@ -59,26 +69,30 @@ impl Handler<Cutoff> for NoCutoffs {
 }
 
 /// `n` counters started on a new thread with its own actix System, and that thread's lane:
-/// their recipients, the lane, and where the lane reports cut-offs.
+/// their recipients, the lane, and where the lane reports cut-offs. With `outboxes`, counter
+/// `i` drains the outbox of `SessionId(i)`.
 struct Recipients {
     to: Vec<SessionAddr>,
     lane: Lane,
     cutoff: Recipient<Cutoff>,
 }
 
-fn recipients(n: usize, frames: &Arc<AtomicU64>, metrics: &Metrics) -> Recipients {
+fn recipients(n: usize, frames: &Arc<AtomicU64>, metrics: &Metrics, outboxes: bool) -> Recipients {
     let (tx, rx) = mpsc::channel();
     let (frames, metrics) = (frames.clone(), metrics.clone());
     std::thread::spawn(move || {
         let sys = System::new();
         sys.block_on(async move {
             let to: Vec<SessionAddr> = (0..n)
-                .map(|_| {
+                .map(|i| {
                     let frames = frames.clone();
                     Counter::create(move |ctx| {
                         // The server's mailbox bound is `limits.max_outbound` (256): plenty here,
                         // as each frame is drained before the next.
                         ctx.set_mailbox_capacity(256);
+                        if outboxes {
+                            ctx.add_stream(outbox::open(SessionId(i as u64), 256));
+                        }
                         Counter { frames }
                     })
                     .recipient()
@@ -141,10 +155,13 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("fanout");
     for n in [100usize, 1_000, 10_000] {
         let frames = Arc::new(AtomicU64::new(0));
-        let r = recipients(n, &frames, &metrics);
+        let r = recipients(n, &frames, &metrics, false);
+        let o = recipients(n, &frames, &metrics, true);
         let (mut direct, mut laned) = (Fanout::default(), Fanout::default());
+        let mut outboxed = Fanout::default();
         laned.use_lanes(r.cutoff.clone());
-        for (i, to) in r.to.into_iter().enumerate() {
+        outboxed.use_lanes(o.cutoff.clone());
+        for (i, (to, to_o)) in r.to.into_iter().zip(o.to).enumerate() {
             let user: presence_actors::presence::Key = format!("user-{i:06}").into();
             let sub = |to, lane| Subscriber {
                 user: user.clone(),
@@ -153,9 +170,15 @@ fn bench(c: &mut Criterion) {
             };
             direct.insert(SessionId(i as u64), sub(to.clone(), None));
             laned.insert(SessionId(i as u64), sub(to, Some(r.lane.clone())));
+            outboxed.insert(SessionId(i as u64), sub(to_o, Some(o.lane.clone())));
         }
         g.throughput(Throughput::Elements(n as u64));
-        for (name, fan) in [("", &mut direct), ("_lanes", &mut laned)] {
+        let fans = [
+            ("", &mut direct),
+            ("_lanes", &mut laned),
+            ("_outboxes", &mut outboxed),
+        ];
+        for (name, fan) in fans {
             g.bench_function(BenchmarkId::new(format!("send{name}"), n), |b| {
                 b.iter_custom(|iters| {
                     let mut total = Duration::ZERO;
