@@ -16,6 +16,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use tokio::net::TcpSocket;
+// A session's commands stay on its worker's thread: a channel without atomics, whose empty
+// check (made at every wake of the session, for each frame it reads) touches only its queue.
+use local_channel::mpsc as local;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -482,7 +485,7 @@ enum End {
     Reconnect,
 }
 
-async fn session(sh: Rc<Shared>, g: usize, room: String, mut cmds: mpsc::UnboundedReceiver<Cmd>) {
+async fn session(sh: Rc<Shared>, g: usize, room: String, mut cmds: local::Receiver<Cmd>) {
     let nodes = sh.targets.len();
     let mut s = Session {
         g,
@@ -557,7 +560,7 @@ async fn session(sh: Rc<Shared>, g: usize, room: String, mut cmds: mpsc::Unbound
 }
 
 /// Completes when the command channel is closed (the director is done with the session).
-async fn closed(cmds: &mut mpsc::UnboundedReceiver<Cmd>) {
+async fn closed(cmds: &mut local::Receiver<Cmd>) {
     while cmds.recv().await.is_some() {}
 }
 
@@ -565,7 +568,7 @@ async fn drive(
     sh: &Shared,
     s: &mut Session,
     ws: &mut Ws,
-    cmds: &mut mpsc::UnboundedReceiver<Cmd>,
+    cmds: &mut local::Receiver<Cmd>,
 ) -> Result<End, String> {
     loop {
         tokio::select! {
@@ -611,7 +614,7 @@ async fn drive(
 struct Handle {
     g: usize,
     room: usize,
-    tx: Option<mpsc::UnboundedSender<Cmd>>,
+    tx: Option<local::Sender<Cmd>>,
     up: bool,
 }
 
@@ -691,7 +694,7 @@ pub async fn run(
     let mut last_ok = started;
     let mut tasks = 0usize;
     for h in &mut handles {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = local::channel();
         h.tx = Some(tx);
         tasks += 1;
         actix_web::rt::spawn(session(sh.clone(), h.g, room_name(o.scenario, h.room), rx));
