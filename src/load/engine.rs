@@ -16,8 +16,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use tokio::net::TcpSocket;
-// A session's commands stay on its worker's thread: a channel without atomics, whose empty
-// check (made at every wake of the session, for each frame it reads) touches only its queue.
+// A session's commands stay on its worker's thread: a single-threaded channel, whose empty
+// check (made at every wake of the session, for each frame it reads) is a look at its queue
+// rather than at a shared channel block through atomics.
 use local_channel::mpsc as local;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
