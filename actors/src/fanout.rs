@@ -794,4 +794,90 @@ pub(crate) mod tests {
         assert_eq!(*ok.borrow(), ["0", "1", "2", "3", "last"]);
         assert_eq!(fan.len(), 1);
     }
+
+    /// A session that opened an outbox on this thread, as the server's sessions do on a
+    /// socket thread; it records which way each frame came. `stuck`: it never drains it.
+    struct OutboxSession {
+        seen: Seen,
+        id: SessionId,
+        capacity: usize,
+        stuck: bool,
+    }
+
+    impl Actor for OutboxSession {
+        type Context = Context<Self>;
+
+        fn started(&mut self, ctx: &mut Context<Self>) {
+            ctx.add_stream(crate::outbox::open(self.id, self.capacity));
+            if self.stuck {
+                ctx.wait(actix::fut::wrap_future(
+                    futures_util::future::pending::<()>(),
+                ));
+            }
+        }
+    }
+
+    impl StreamHandler<crate::outbox::Outgoing> for OutboxSession {
+        fn handle(&mut self, item: crate::outbox::Outgoing, _: &mut Context<Self>) {
+            self.seen
+                .borrow_mut()
+                .push(format!("outbox {}", item.frame));
+        }
+    }
+
+    impl Handler<ToSession> for OutboxSession {
+        type Result = ();
+        fn handle(&mut self, msg: ToSession, _: &mut Context<Self>) {
+            if let ToSession::Frame { frame, .. } = msg {
+                self.seen.borrow_mut().push(format!("mailbox {frame}"));
+            }
+        }
+    }
+
+    fn outbox_session(id: u64, capacity: usize, stuck: bool) -> (Seen, Subscriber) {
+        let seen = Seen::default();
+        let addr = OutboxSession {
+            seen: seen.clone(),
+            id: SessionId(id),
+            capacity,
+            stuck,
+        }
+        .start();
+        let sub = Subscriber {
+            user: "u".into(),
+            to: addr.recipient(),
+            lane: None,
+        };
+        (seen, sub)
+    }
+
+    /// A lane on the thread of sessions with outboxes puts their frames there, not in their
+    /// mailboxes, in order; a full outbox cuts its session off and is reported as slow; a
+    /// session without an outbox on that thread still gets its frames by mailbox.
+    #[actix_rt::test]
+    async fn a_lane_fills_the_outboxes_of_its_threads_sessions() {
+        let (mut fan, metrics, topic, [l0, _], reported) = with_lanes();
+        let (a, sub_a) = outbox_session(1, 8, false);
+        let (_, sub_full) = outbox_session(2, 1, true);
+        let (c, sub_c) = session(Kind::Reads);
+        fan.insert(SessionId(1), on(&l0, sub_a));
+        fan.insert(SessionId(2), on(&l0, sub_full));
+        fan.insert(SessionId(3), on(&l0, sub_c));
+        settle().await;
+        for i in 1..=3 {
+            fan.send(&frame(&i.to_string()), None, &topic, &metrics);
+        }
+        settle().await;
+        assert_eq!(*a.borrow(), ["outbox 1", "outbox 2", "outbox 3"]);
+        assert_eq!(*c.borrow(), ["1", "2", "3"]);
+        assert_eq!(*reported.borrow(), [(SessionId(2), true)]);
+        assert_eq!(
+            metrics
+                .outbound_drops
+                .with_label_values(&["slow_consumer"])
+                .get(),
+            1
+        );
+        assert_eq!(metrics.deliveries.get(), 7);
+    }
 }
